@@ -1,0 +1,39 @@
+"""Batches: submit thousands of items at once, poll counts, stream results as JSON Lines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from broker.api.auth import CurrentPrincipal, State
+from broker.api.responses import JSON
+from broker.schemas import BatchSubmission
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+@router.post("", status_code=202)
+async def submit_batch(body: BatchSubmission, principal: CurrentPrincipal, state: State) -> Any:
+    view = await run_in_threadpool(state.jobs.submit_batch, principal.org_id, body)
+    return JSON(view, status_code=202)
+
+
+@router.get("/{batch_id}")
+def get_batch(batch_id: str, principal: CurrentPrincipal, state: State) -> Any:
+    return JSON(state.jobs.get_batch(principal.org_id, batch_id))
+
+
+@router.get("/{batch_id}/results")
+def batch_results(batch_id: str, principal: CurrentPrincipal, state: State) -> Any:
+    lines = state.jobs.iter_batch_results(principal.org_id, batch_id)
+    return StreamingResponse(_jsonl(lines), media_type="application/jsonl")
+
+
+def _jsonl(lines: Iterator[dict[str, Any]]) -> Iterator[bytes]:
+    for line in lines:
+        yield orjson.dumps(line) + b"\n"

@@ -1,0 +1,42 @@
+"""What a running API process holds: built once at start-up, reached through dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.db import make_engine, make_sessionmaker
+from broker.jobs import JobService
+from broker.orgs import OrgService
+from broker.routing import Deployment, load_deployment
+from broker.settings import Settings
+from tasks.app import create_celery_app
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    deployment: Deployment
+    celery: Celery
+    orgs: OrgService
+    jobs: JobService
+
+    @classmethod
+    def build(cls, settings: Settings) -> AppState:
+        engine = make_engine(settings.resolved_database_url, pool_size=10, max_overflow=40)
+        sessions = make_sessionmaker(engine)
+        deployment = load_deployment(settings.catalog_file, settings.routing_defaults_file)
+        celery = create_celery_app(settings)
+        orgs = OrgService(sessions, deployment)
+        jobs = JobService(
+            sessions, deployment, celery, orgs, max_batch_items=settings.max_batch_items
+        )
+        return cls(settings, engine, sessions, deployment, celery, orgs, jobs)
+
+    def close(self) -> None:
+        self.engine.dispose()

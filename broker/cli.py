@@ -1,0 +1,107 @@
+"""The ``molar-llm`` command line: serve, worker, fake-upstream, migrate, demo."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from broker.capabilities import parse_capability_list
+from broker.logs import configure_logging
+from broker.settings import get_settings
+
+
+@click.group()
+def main() -> None:
+    """molar-llm-broker: capability-tagged LLM jobs over per-capability queues."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8787, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="API processes (uvicorn workers).")
+def serve(host: str, port: int, workers: int) -> None:
+    """Run the HTTP API."""
+    import uvicorn
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    uvicorn.run(
+        "broker.api.app:create_app", factory=True, host=host, port=port, workers=workers,
+        loop="uvloop", http="httptools", access_log=False, log_config=None,
+    )
+
+
+@main.command()
+@click.option("--capabilities", default="all", show_default=True,
+              help="Comma-separated capability keys whose queues this worker consumes.")
+@click.option("--concurrency", default=64, show_default=True, type=int,
+              help="Provider calls in flight at once (threads; calls are network-bound).")
+@click.option("--name", default=None, help="Worker node name (default: llm-<group>@<host>).")
+@click.option("--loglevel", default=None, help="Log level (default: MOLAR_LLM_LOG_LEVEL).")
+def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str | None) -> None:
+    """Run a provider worker for some capability queues."""
+    from broker.capabilities import CAPABILITIES, queue_name
+    from broker.migrate import ensure_embedded_schema
+
+    try:
+        caps = parse_capability_list(capabilities)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--capabilities") from None
+    settings = get_settings()
+    configure_logging(loglevel or settings.log_level, settings.log_format)
+    ensure_embedded_schema(settings)
+    from tasks.llm import app
+
+    group = "all" if set(caps) == set(CAPABILITIES) else "+".join(caps)
+    argv = [
+        "worker", "--pool", "threads", "--concurrency", str(concurrency),
+        "--queues", ",".join(queue_name(c) for c in caps),
+        "--hostname", name or f"llm-{group}@%h", "--events",
+        "--loglevel", (loglevel or settings.log_level).upper(), "--without-heartbeat",
+        "--without-mingle", "--without-gossip",
+    ]
+    app.worker_main(argv)
+
+
+@main.command("fake-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8790, show_default=True, type=int)
+@click.option("--latency-ms", default=0.0, show_default=True, type=float)
+@click.option("--api-key", "api_keys", multiple=True,
+              help="A key the fake accepts (repeatable). None given: any key is accepted.")
+def fake_upstream(host: str, port: int, latency_ms: float, api_keys: tuple[str, ...]) -> None:
+    """Run the fake OpenAI/Anthropic upstream used by tests, the demo and benchmarks."""
+    from workers.fake_upstream import serve as serve_fake
+
+    serve_fake(host, port, latency_ms=latency_ms, api_keys=api_keys)
+
+
+@main.command()
+def migrate() -> None:
+    """Apply database migrations to MOLAR_LLM_DATABASE_URL."""
+    from broker.migrate import upgrade
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.is_embedded:
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    click.echo(f"migrated {settings.resolved_database_url.split('://')[0]} database to head")
+
+
+@main.command()
+@click.option("--items", default=240, show_default=True, type=int,
+              help="Batch size (at least 200).")
+@click.option("--latency-ms", default=40.0, show_default=True, type=float,
+              help="Fake upstream latency per call.")
+def demo(items: int, latency_ms: float) -> None:
+    """Run a Cartographer-style batch end to end on a local stack and print a report."""
+    from broker.demo import run_demo
+
+    sys.exit(run_demo(items=items, latency_ms=latency_ms))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The Celery side: one app, one queue per capability, one task per capability."""

@@ -1,0 +1,1 @@
+"""Provider workers: wire-protocol clients, credential resolution and the job runner."""
