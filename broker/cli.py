@@ -52,7 +52,7 @@ def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str 
     settings = get_settings()
     configure_logging(loglevel or settings.log_level, settings.log_format)
     ensure_embedded_schema(settings)
-    from tasks.llm import app
+    from tasks.llm import app  # the task module registers the tasks on the app
 
     group = "all" if set(caps) == set(CAPABILITIES) else "+".join(caps)
     argv = [

@@ -116,9 +116,8 @@ class JobService:
             session.add(batch)
             session.flush()
             session.execute(insert(Job), rows)
-        self._publish_or_undo(
-            [(row["id"], row["capability"]) for row in rows], job_ids=None, batch_id=batch.id
-        )
+        published = [(str(row["id"]), str(row["capability"])) for row in rows]
+        self._publish_or_undo(published, job_ids=None, batch_id=batch.id)
         log.info("batch %s queued org=%s items=%d", batch.id, org_id, len(items))
         return batch_view(batch, bucket_counts([("queued", len(items))]))
 

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
 
     # Queue behaviour. The task limit must stay well below the visibility timeout so a
     # slow job is killed before the broker hands its message to a second worker.
+    # Prefix for every Redis key and channel the broker uses, so deployments (and test
+    # runs) can share one Redis server.
+    redis_key_prefix: str = ""
     visibility_timeout_s: int = 1800
     task_time_limit_s: int = 300
     attempt_deadline_s: float = 120.0

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from broker.capabilities import CAPABILITIES, queue_name
 from broker.settings import Settings, get_settings
 
-EXCHANGE = Exchange("llm", type="direct")
+EXCHANGE = Exchange("llm", type="direct")  # type: ignore[no-untyped-call]
 
 
 def task_name(capability: str) -> str:
@@ -27,19 +27,23 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     if url.startswith("sqla+"):
         # kombu passes these straight to create_engine; keep them engine-safe.
         return {}
-    return {
+    options: dict[str, Any] = {
         "visibility_timeout": settings.visibility_timeout_s,
         # Scan for messages of dead workers often enough to matter, rarely enough to be cheap.
         "unacked_restore_interval": 5,
         "unacked_restore_throttle": 2,
     }
+    if settings.redis_key_prefix:
+        options["global_keyprefix"] = settings.redis_key_prefix
+    return options
 
 
 def create_celery_app(settings: Settings) -> Celery:
     app = Celery("molar_llm", broker=settings.resolved_broker_url, set_as_current=False)
     app.conf.update(
         task_queues=[
-            Queue(queue_name(cap), EXCHANGE, routing_key=queue_name(cap)) for cap in CAPABILITIES
+            Queue(queue_name(cap), EXCHANGE, routing_key=queue_name(cap))  # type: ignore[no-untyped-call]
+            for cap in CAPABILITIES
         ],
         task_create_missing_queues=False,
         task_default_exchange=EXCHANGE.name,

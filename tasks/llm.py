@@ -14,7 +14,8 @@ from broker.capabilities import CAPABILITIES
 from broker.db import make_engine, make_sessionmaker
 from broker.routing import load_deployment
 from broker.settings import get_settings
-from tasks.app import app, task_name
+from tasks.app import app as app
+from tasks.app import task_name
 from workers.credentials import CredentialResolver
 from workers.providers.base import Provider
 from workers.providers.openai_compat import OpenAICompatibleProvider

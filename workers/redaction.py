@@ -10,7 +10,9 @@ MIN_SECRET_LENGTH = 8
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True):
+    live = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
+    # Longest first, so a secret that contains another is replaced whole.
+    for secret in sorted(live, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text

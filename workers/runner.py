@@ -23,7 +23,7 @@ from broker.routing import Deployment, Route
 from broker.sqlutil import insert_ignoring_conflicts
 from workers.credentials import CredentialResolver
 from workers.errors import PermanentProviderError, ProviderError
-from workers.providers.base import Provider, ProviderResponse
+from workers.providers.base import CallKind, Provider, ProviderResponse
 from workers.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class JobRunner:
         credential = self._credentials.resolve(
             job.org_id, job.route.provider_integration_id, job.route.provider
         )
-        kind = "embedding" if job.capability in EMBEDDING_CAPABILITIES else "chat"
+        kind: CallKind = "embedding" if job.capability in EMBEDDING_CAPABILITIES else "chat"
         try:
             return provider.call(kind, job.request, model=job.route.model,
                                  credential=credential, deadline_s=self._deadline_s)
