@@ -29,9 +29,12 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 80) -> Eng
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    # No pre-ping: it costs a round trip per checkout on the hot path. A dropped connection
+    # fails one statement instead, the pool discards it, and callers retry (the worker task
+    # re-queues its job on database errors).
     return create_engine(
-        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True,
-        pool_recycle=1800, json_serializer=_json_dumps, json_deserializer=orjson.loads,
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1800,
+        json_serializer=_json_dumps, json_deserializer=orjson.loads,
     )
 
 
@@ -51,6 +54,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextmanager
+def autocommit(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session for one self-contained statement: no BEGIN/COMMIT round trips."""
+    with factory() as session:
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield session
 
 
 @contextmanager

@@ -1,4 +1,8 @@
-"""Small portable SQL helpers for the two dialects we support."""
+"""Small portable SQL helpers for the two dialects we support.
+
+Statements on hot paths are built once and executed on the session's connection with
+parameters, which skips per-call statement construction and the ORM's bulk machinery.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +14,31 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
 
+_INSERT_IGNORING: dict[tuple[str, str, tuple[str, ...]], Insert] = {}
+
 
 def insert_ignoring_conflicts(
     session: Session, table: Table, values: dict[str, Any], conflict_columns: Sequence[str]
 ) -> bool:
     """Insert one row unless its unique key exists; True when a row was written."""
-    dialect = session.get_bind().dialect.name
-    stmt: Insert
-    if dialect == "postgresql":
-        stmt = postgresql.insert(table).values(**values).on_conflict_do_nothing(
-            index_elements=list(conflict_columns)
-        )
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing(
-            index_elements=list(conflict_columns)
-        )
-    else:  # pragma: no cover - only the two dialects above are supported
-        raise NotImplementedError(f"unsupported SQL dialect {dialect!r}")
-    result = session.execute(stmt)
+    stmt = _insert_ignoring(session.get_bind().dialect.name, table, tuple(conflict_columns))
+    result = session.connection().execute(stmt, values)
     return bool(getattr(result, "rowcount", 0))
+
+
+def _insert_ignoring(dialect: str, table: Table, conflict_columns: tuple[str, ...]) -> Insert:
+    key = (dialect, table.name, conflict_columns)
+    stmt = _INSERT_IGNORING.get(key)
+    if stmt is None:
+        if dialect == "postgresql":
+            stmt = postgresql.insert(table).on_conflict_do_nothing(
+                index_elements=list(conflict_columns)
+            )
+        elif dialect == "sqlite":
+            stmt = sqlite.insert(table).on_conflict_do_nothing(
+                index_elements=list(conflict_columns)
+            )
+        else:  # pragma: no cover - only the two dialects above are supported
+            raise NotImplementedError(f"unsupported SQL dialect {dialect!r}")
+        _INSERT_IGNORING[key] = stmt
+    return stmt

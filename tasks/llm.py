@@ -8,7 +8,9 @@ import socket
 import threading
 from typing import Any
 
+from celery import Task
 from celery.signals import worker_shutdown
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from broker.capabilities import CAPABILITIES
 from broker.db import make_engine, make_sessionmaker
@@ -56,10 +58,21 @@ def _build_runner() -> JobRunner:
     )
 
 
+#: Seconds before a job whose database write failed is put back on its queue.
+DATABASE_RETRY_S = 2
+
+
 def _register(capability: str) -> None:
-    @app.task(name=task_name(capability), ignore_result=True, acks_late=True)
-    def run_job(job_id: str) -> None:
-        get_runner().run(job_id)
+    @app.task(name=task_name(capability), ignore_result=True, acks_late=True, bind=True)
+    def run_job(self: Task, job_id: str) -> None:
+        try:
+            get_runner().run(job_id)
+        except (OperationalError, InterfaceError) as exc:
+            # The database blipped or a pooled connection went stale: put the job back
+            # rather than dropping its message; the claim keeps a rerun harmless.
+            log.warning("job %s requeued after a database error: %s", job_id,
+                        type(exc).__name__)
+            raise self.retry(countdown=DATABASE_RETRY_S, max_retries=None) from None
 
 
 for _capability in CAPABILITIES:
@@ -68,5 +81,7 @@ for _capability in CAPABILITIES:
 
 @worker_shutdown.connect
 def _close_providers(**_: Any) -> None:
+    if _runner is not None:
+        _runner.close()
     for provider in set(_providers.values()):
         provider.close()

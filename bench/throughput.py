@@ -1,0 +1,231 @@
+"""Throughput: N jobs through the broker against a bare Celery task, same Redis, same run.
+
+    .venv/bin/python -m bench.throughput --jobs 5000 --latencies 0,200 --repeat 3
+
+Both sides use one worker process with 64 threads, Redis on loopback and the fake upstream;
+the broker side adds PostgreSQL, metering and the job API. Runs are interleaved so machine
+noise hits both alike; medians and ratios go to stdout and, with ``--write``, to
+docs/benchmarks.md. ``--drain 50000`` also samples API and worker memory while a
+50,000-item batch drains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import redis
+
+from broker.devstack import LocalStack
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+SERVICE_KEY = "bench-service-key-0123456789"
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MB."""
+    total_kb = 0
+    pids = [pid, *_children(pid)]
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return total_kb / 1024
+
+
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process and its children."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    kids = [int(x) for x in out.split()]
+    return kids + [g for k in kids for g in _children(k)]
+
+
+class BrokerSide:
+    """A broker stack on Redis + a fresh PostgreSQL database."""
+
+    def __init__(self, workdir: Path, latency_ms: float):
+        self.db_name = f"molar_bench_{secrets.token_hex(4)}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.db_name}"')
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        env = {
+            "MOLAR_LLM_DATABASE_URL": PG_ADMIN.rsplit("/", 1)[0] + "/" + self.db_name,
+            "MOLAR_LLM_BROKER_URL": REDIS_URL,
+            "MOLAR_LLM_SERVICE_KEY": SERVICE_KEY,
+            "MOLAR_LLM_VAR_DIR": str(workdir / "var"),
+            "MOLAR_LLM_LOG_LEVEL": "WARNING",
+        }
+        self.stack = LocalStack(workdir / "logs", env=env, upstream_latency_ms=latency_ms)
+        assert self.stack.molar("migrate", "migrate").wait(60) == 0
+        self.stack.start_upstream()
+        self.stack.start_api()
+        concurrency = int(os.environ.get("BENCH_CONCURRENCY", "64"))
+        self.worker = self.stack.start_worker("worker", concurrency=concurrency)
+        self.http = httpx.Client(base_url=self.stack.api_url, timeout=120, headers={
+            "Authorization": f"Bearer {SERVICE_KEY}", "X-Molar-Org-Id": "org_bench"})
+        self.run(64)  # warm up connections, pools and the worker
+
+    def run(self, jobs: int) -> float:
+        """Submit one batch of ``jobs`` and wait for all; returns jobs per second."""
+        items = [{"custom_id": f"j{i}", "capability": "planner", "request": {
+            "messages": [{"role": "user", "content": f"bench job {i}"}]}} for i in range(jobs)]
+        started = time.perf_counter()
+        batch = self.http.post("/v1/batches", json={"items": items})
+        batch.raise_for_status()
+        batch_id = batch.json()["id"]
+        while True:
+            state = self.http.get(f"/v1/batches/{batch_id}").json()
+            if state["status"] == "completed":
+                break
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        assert state["request_counts"]["succeeded"] == jobs, state
+        return jobs / elapsed
+
+    def close(self) -> None:
+        self.http.close()
+        self.stack.stop()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+
+
+class BareSide:
+    """Bare Celery on the same Redis (another database number) and the same upstream."""
+
+    def __init__(self, workdir: Path, upstream_url: str, upstream_key: str):
+        self.url = REDIS_URL.rsplit("/", 1)[0] + "/14"
+        redis.Redis.from_url(self.url).flushdb()
+        os.environ.update(BARE_BROKER_URL=self.url, BARE_UPSTREAM_URL=upstream_url,
+                          BARE_UPSTREAM_KEY=upstream_key)
+        log = open(workdir / "logs" / "bare-worker.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "bench.bare_celery", "worker", "-P",
+             "threads", "-c", "64", "-Q", "bare", "--loglevel", "WARNING",
+             "--without-heartbeat", "--without-mingle", "--without-gossip"],
+            cwd=ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        from bench.bare_celery import app, call_upstream
+
+        self.app, self.task = app, call_upstream
+        self.run(64)
+
+    def run(self, jobs: int) -> float:
+        started = time.perf_counter()
+        results = [self.task.apply_async(args=(i,)) for i in range(jobs)]
+        for result in results:
+            result.get(timeout=300)
+        return jobs / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def measure(latency_ms: float, jobs: int, repeat: int, workdir: Path) -> dict[str, Any]:
+    broker = BrokerSide(workdir / f"lat{int(latency_ms)}", latency_ms)
+    bare = BareSide(workdir / f"lat{int(latency_ms)}", broker.stack.upstream_url,
+                    broker.stack.upstream_key)
+    ours: list[float] = []
+    theirs: list[float] = []
+    try:
+        for _ in range(repeat):
+            ours.append(broker.run(jobs))
+            theirs.append(bare.run(jobs))
+            print(f"  latency {latency_ms:g} ms: broker {ours[-1]:.0f} jobs/s, "
+                  f"bare Celery {theirs[-1]:.0f} jobs/s", flush=True)
+    finally:
+        bare.close()
+        broker.close()
+    return {"latency_ms": latency_ms, "jobs": jobs, "broker": ours, "bare": theirs,
+            "ratio": statistics.median(ours) / statistics.median(theirs)}
+
+
+def drain_memory(items: int, workdir: Path) -> dict[str, Any]:
+    """Sample API and worker memory while one large batch drains."""
+    broker = BrokerSide(workdir / "drain", 0)
+    api_pid = broker.stack.procs["api"].pid
+    worker_pid = broker.worker.pid
+    samples: list[tuple[float, float, float, int]] = []
+    try:
+        payload = {"items": [{"custom_id": f"j{i}", "capability": "planner", "request": {
+            "messages": [{"role": "user", "content": f"drain job {i}"}]}} for i in range(items)]}
+        before = (rss_mb(api_pid), rss_mb(worker_pid))
+        started = time.perf_counter()
+        batch_id = broker.http.post("/v1/batches", json=payload).json()["id"]
+        submitted_s = time.perf_counter() - started
+        del payload
+        while True:
+            state = broker.http.get(f"/v1/batches/{batch_id}").json()
+            done = state["request_counts"]["succeeded"] + state["request_counts"]["failed"]
+            samples.append((time.perf_counter() - started, rss_mb(api_pid), rss_mb(worker_pid),
+                            done))
+            if state["status"] == "completed":
+                break
+            time.sleep(2)
+        elapsed = time.perf_counter() - started
+    finally:
+        broker.close()
+    return {"items": items, "submit_s": submitted_s, "drain_s": elapsed,
+            "before": before, "samples": samples}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--latencies", default="0,200")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--drain", type=int, default=0, help="items of the memory drain run")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "var" / "bench")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    for latency in [float(x) for x in args.latencies.split(",") if x]:
+        result = measure(latency, args.jobs, args.repeat, args.workdir)
+        print(f"RESULT latency={latency:g}ms jobs={args.jobs} "
+              f"broker_median={statistics.median(result['broker']):.0f} "
+              f"bare_median={statistics.median(result['bare']):.0f} "
+              f"ratio={result['ratio']:.2f} broker_runs={[round(x) for x in result['broker']]} "
+              f"bare_runs={[round(x) for x in result['bare']]}", flush=True)
+    if args.drain:
+        drain = drain_memory(args.drain, args.workdir)
+        print(f"DRAIN items={drain['items']} submit_s={drain['submit_s']:.1f} "
+              f"drain_s={drain['drain_s']:.1f} before_mb={drain['before']}")
+        for t, api_mb, worker_mb, done in drain["samples"][:: max(len(drain["samples"]) // 12, 1)]:
+            print(f"  t={t:6.1f}s done={done:6d} api_rss={api_mb:6.1f}MB "
+                  f"worker_rss={worker_mb:6.1f}MB")
+        last = drain["samples"][-1]
+        print(f"  end t={last[0]:.1f}s done={last[3]} api_rss={last[1]:.1f}MB "
+              f"worker_rss={last[2]:.1f}MB")
+
+
+if __name__ == "__main__":
+    main()
