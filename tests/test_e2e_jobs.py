@@ -287,3 +287,31 @@ def test_a_worker_serves_only_its_capabilities(make_stack):
         ).all())
     engine.dispose()
     assert workers == {"planner": 1, "embeddings": 1}
+
+
+def test_one_worker_process_keeps_64_provider_calls_in_flight(make_stack):
+    stack = make_stack("redis-pg")
+    worker = stack.start_worker("wide", capabilities=["planner"], concurrency=64)
+    slow = '<<fake:{"latency_ms": 1500}>>'
+    items = [{"custom_id": f"slow-{i}", "capability": "planner",
+              "request": chat(f"{slow} call {i}")} for i in range(128)]
+    with api(stack) as client:
+        batch = client.post("/v1/batches", json={"items": items}).json()
+        done = wait_batch(client, batch["id"], timeout_s=120)
+    assert done["request_counts"]["succeeded"] == 128
+
+    engine = stack_db(stack)
+    with engine.connect() as conn:
+        spans = conn.execute(
+            select(Attempt.started_at, Attempt.finished_at, Attempt.worker)
+            .join(Job, Job.id == Attempt.job_id).where(Job.batch_id == batch["id"])
+        ).all()
+    engine.dispose()
+    assert len({span.worker for span in spans}) == 1  # one worker process did all of it
+    edges = sorted([(s.started_at, 1) for s in spans] + [(s.finished_at, -1) for s in spans])
+    in_flight = peak = 0
+    for _, step in edges:
+        in_flight += step
+        peak = max(peak, in_flight)
+    assert peak >= 64, f"only {peak} provider calls were in flight at once"
+    assert worker.poll() is None
