@@ -57,14 +57,6 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def autocommit(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session for one self-contained statement: no BEGIN/COMMIT round trips."""
-    with factory() as session:
-        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        yield session
-
-
-@contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One session, committed on success and rolled back on any error."""
     with factory() as session, session.begin():

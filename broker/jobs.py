@@ -24,7 +24,7 @@ from broker.orgs import OrgService
 from broker.routing import Deployment, Route, resolve_routes, validate_routing
 from broker.schemas import BatchSubmission, JobSubmission
 from broker.validation import check_capability, check_request
-from broker.views import TERMINAL, batch_view, bucket_counts, job_view, result_line
+from broker.views import batch_view, bucket_counts, job_view, result_line
 from tasks.publish import publish_jobs
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,3 @@ class JobService:
             raise NotFound(f"no batch {batch_id!r} in this org", param="batch_id")
         return batch
 
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL

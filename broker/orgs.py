@@ -63,10 +63,11 @@ class OrgService:
 
 def settings_view(org_id: str, row: OrgSettings | None) -> dict[str, Any]:
     cap: Decimal | None = row.spend_cap_usd if row else None
+    updated_at = as_utc(row.updated_at) if row else None
     return {
         "object": "llm.org_settings",
         "org_id": org_id,
         "model_routing": dict(row.model_routing or {}) if row else {},
         "spend_cap_usd": str(cap) if cap is not None else None,
-        "updated_at": as_utc(row.updated_at).isoformat() if row else None,  # type: ignore[union-attr]
+        "updated_at": updated_at.isoformat() if updated_at else None,
     }

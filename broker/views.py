@@ -12,7 +12,6 @@ COUNT_KEYS = ("queued", "running", "succeeded", "failed", "cancelled")
 # Statuses folded into a request_counts bucket; the buckets always add up to total.
 COUNT_BUCKET = {"retrying": "queued", "queued": "queued", "running": "running",
                 "succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
 def iso(value: datetime | None) -> str | None:
