@@ -172,8 +172,15 @@ def _production_env(tmp_path, overrides: dict[str, str]) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("command", [["serve", "--port", "1"], ["worker", "--concurrency", "1"]])
-@pytest.mark.parametrize(("overrides", "named"), REFUSALS)
+SERVE = ["serve", "--port", "1"]
+WORKER = ["worker", "--concurrency", "1"]
+STARTS = [pytest.param(SERVE, *case.values, id=f"serve-{case.id}") for case in REFUSALS] + [
+    pytest.param(WORKER, *case.values, id=f"worker-{case.id}") for case in REFUSALS
+    if case.id in ("all-three-named", "encryption-key-malformed")
+]
+
+
+@pytest.mark.parametrize(("command", "overrides", "named"), STARTS)
 def test_production_refuses_to_start_on_dev_or_weak_secrets_and_says_which(
         tmp_path, command, overrides, named):
     env = _production_env(tmp_path, overrides)
