@@ -64,7 +64,14 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._registry.snapshot():
             return True
-        record.msg = self._registry.redact(record.getMessage())
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            # Arguments that do not fit the format: the handler reports it, with the raw
+            # format string only, and the arguments are dropped so they cannot leak.
+            record.args = None
+            return True
+        record.msg = self._registry.redact(message)
         record.args = None
         for key, value in vars(record).items():
             if key not in _CLEAN_ATTRS and isinstance(value, str):

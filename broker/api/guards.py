@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import orjson
 from fastapi import Depends, Request
 
 from broker.api.auth import app_state
@@ -19,11 +18,12 @@ async def reject_raw_credentials(request: Request) -> None:
     """
     body = await request.body()
     try:
-        payload = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
+        # FastAPI has parsed the body already and Starlette caches it: no second parse.
+        payload = await request.json() if body else None
+    except ValueError:
         return  # the body validation answers with invalid_json
     our_token = app_state(request).settings.service_key.get_secret_value()
-    check_submission(payload, request.headers, our_token)
+    check_submission(payload, request.headers, our_token, raw=body)
 
 
 NoRawCredentials = Annotated[None, Depends(reject_raw_credentials)]
