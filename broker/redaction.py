@@ -69,6 +69,7 @@ class RedactingFilter(logging.Filter):
         except (TypeError, ValueError):
             # Arguments that do not fit the format: the handler reports it, with the raw
             # format string only, and the arguments are dropped so they cannot leak.
+            record.msg = self._registry.redact(str(record.msg))
             record.args = None
             return True
         record.msg = self._registry.redact(message)
