@@ -8,7 +8,19 @@ import click
 
 from broker.capabilities import parse_capability_list
 from broker.logs import configure_logging
-from broker.settings import get_settings
+from broker.settings import Settings, get_settings
+
+
+def _secure_start(settings: Settings) -> None:
+    """Refuse unsafe secrets (production) and teach redaction the ones this process holds."""
+    from broker.errors import ConfigurationError
+    from broker.security import refuse_unsafe_secrets, register_process_secrets
+
+    try:
+        refuse_unsafe_secrets(settings)
+    except ConfigurationError as exc:
+        raise click.ClickException(exc.message) from None
+    register_process_secrets(settings)
 
 
 @click.group()
@@ -26,6 +38,7 @@ def serve(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     settings = get_settings()
+    _secure_start(settings)
     configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         "broker.api.app:create_app", factory=True, host=host, port=port, workers=workers,
@@ -50,6 +63,7 @@ def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str 
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--capabilities") from None
     settings = get_settings()
+    _secure_start(settings)
     configure_logging(loglevel or settings.log_level, settings.log_format)
     ensure_embedded_schema(settings)
     from tasks.llm import app  # the task module registers the tasks on the app
@@ -89,6 +103,23 @@ def migrate() -> None:
         settings.var_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
     click.echo(f"migrated {settings.resolved_database_url.split('://')[0]} database to head")
+
+
+@main.command("rotate-keys")
+def rotate_keys() -> None:
+    """Re-encrypt every stored credential under the newest MOLAR_LLM_ENCRYPTION_KEYS key."""
+    from broker.errors import ConfigurationError
+    from broker.integrations import rotate_stored_keys
+
+    settings = get_settings()
+    _secure_start(settings)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        count = rotate_stored_keys(settings)
+    except ConfigurationError as exc:
+        raise click.ClickException(exc.message + "; nothing was changed") from None
+    click.echo(f"re-encrypted {count} stored credential(s) under the newest key; keys after "
+               "the first in MOLAR_LLM_ENCRYPTION_KEYS can now be dropped")
 
 
 @main.command()

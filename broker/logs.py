@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from broker.redaction import RedactingFilter
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -33,6 +35,8 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    # Every line passes the redaction step, whatever logger wrote it.
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

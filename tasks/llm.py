@@ -13,12 +13,14 @@ from celery.signals import worker_shutdown
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from broker.capabilities import CAPABILITIES
+from broker.crypto import CredentialCipher
 from broker.db import make_engine, make_sessionmaker
+from broker.integrations import IntegrationService
 from broker.routing import load_deployment
 from broker.settings import get_settings
 from tasks.app import app as app
 from tasks.app import task_name
-from workers.credentials import CredentialResolver
+from workers.credentials import CredentialResolver, store_lookup
 from workers.providers.base import Provider
 from workers.providers.openai_compat import OpenAICompatibleProvider
 from workers.runner import JobRunner
@@ -48,11 +50,14 @@ def _build_runner() -> JobRunner:
         max_connections=settings.provider_max_connections,
     )
     _providers.update({"openai": openai, "openai_compatible": openai})
+    sessions = make_sessionmaker(engine)
+    cipher = CredentialCipher(settings.encryption_keys.get_secret_value())
+    store = IntegrationService(sessions, cipher)
     return JobRunner(
-        sessions=make_sessionmaker(engine),
+        sessions=sessions,
         deployment=load_deployment(settings.catalog_file, settings.routing_defaults_file),
         providers=dict(_providers),
-        credentials=CredentialResolver(settings),
+        credentials=CredentialResolver(settings, byok_lookup=store_lookup(store)),
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
         attempt_deadline_s=settings.attempt_deadline_s,
     )

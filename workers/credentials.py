@@ -2,13 +2,17 @@
 
 ``molar-managed`` uses the platform's key for the route's provider from the deployment's
 environment. Stored ``byok-*`` credentials are looked up through ``byok_lookup``, the seam
-the integration store plugs into.
+the integration store plugs into (:func:`store_lookup`); their provider and base URL are the
+integration's, not the model catalog's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from broker.crypto import UndecryptableCredential
+from broker.integrations import IntegrationService
+from broker.redaction import LIVE_SECRETS
 from broker.routing import MANAGED_INTEGRATION
 from broker.settings import Settings
 from workers.errors import PermanentProviderError
@@ -49,6 +53,25 @@ class CredentialResolver:
     def live_secrets(self) -> list[str]:
         """Secrets the redaction step must know about besides the one used in a call."""
         return [
-            self._settings.managed_credential(p)[0]
-            for p in ("openai", "anthropic", "openai_compatible")
+            *LIVE_SECRETS.snapshot(),
+            *[
+                self._settings.managed_credential(p)[0]
+                for p in ("openai", "anthropic", "openai_compatible")
+            ],
         ]
+
+
+def store_lookup(store: IntegrationService) -> ByokLookup:
+    """The ``byok_lookup`` backed by the integration store: decrypts at call time."""
+
+    def lookup(org_id: str, integration_id: str) -> Credential | None:
+        try:
+            stored = store.lookup(org_id, integration_id)
+        except UndecryptableCredential as exc:
+            raise PermanentProviderError(exc.message, code="credential_undecryptable") from None
+        if stored is None:
+            return None
+        return Credential(stored.integration_id, stored.provider, stored.base_url,
+                          stored.api_key)
+
+    return lookup

@@ -131,16 +131,19 @@ class JobRunner:
                           row.attempts)
 
     def _call(self, job: ClaimedJob) -> ProviderResponse:
-        provider = self._providers.get(job.route.provider)
-        if provider is None:
-            raise PermanentProviderError(
-                f"provider {job.route.provider!r} of model {job.route.model!r} is not served "
-                f"by this worker; supported: {', '.join(sorted(self._providers))}",
-                code="provider_unsupported",
-            )
+        # A stored integration names its own provider and base URL; the catalog's provider
+        # applies to molar-managed routes only.
         credential = self._credentials.resolve(
             job.org_id, job.route.provider_integration_id, job.route.provider
         )
+        provider = self._providers.get(credential.provider)
+        if provider is None:
+            raise PermanentProviderError(
+                f"provider {credential.provider!r} of integration "
+                f"{credential.integration_id!r} is not served by this worker; supported: "
+                f"{', '.join(sorted(self._providers))}",
+                code="provider_unsupported",
+            )
         kind: CallKind = "embedding" if job.capability in EMBEDDING_CAPABILITIES else "chat"
         try:
             return provider.call(kind, job.request, model=job.route.model,

@@ -10,9 +10,10 @@ from fastapi import FastAPI
 
 from broker import __version__
 from broker.api.errors import install_error_handlers
-from broker.api.routes import batches, health, jobs, orgs
+from broker.api.routes import batches, health, integrations, jobs, orgs
 from broker.api.state import AppState
 from broker.migrate import ensure_embedded_schema
+from broker.security import refuse_unsafe_secrets
 from broker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    refuse_unsafe_secrets(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -31,6 +33,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="molar-llm-broker", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    for module in (health, jobs, batches, orgs):
+    for module in (health, jobs, batches, orgs, integrations):
         app.include_router(module.router)
     return app

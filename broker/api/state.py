@@ -8,7 +8,9 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.crypto import CredentialCipher
 from broker.db import make_engine, make_sessionmaker
+from broker.integrations import IntegrationService
 from broker.jobs import JobService
 from broker.orgs import OrgService
 from broker.routing import Deployment, load_deployment
@@ -25,6 +27,7 @@ class AppState:
     celery: Celery
     orgs: OrgService
     jobs: JobService
+    integrations: IntegrationService
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
@@ -36,7 +39,9 @@ class AppState:
         jobs = JobService(
             sessions, deployment, celery, orgs, max_batch_items=settings.max_batch_items
         )
-        return cls(settings, engine, sessions, deployment, celery, orgs, jobs)
+        cipher = CredentialCipher(settings.encryption_keys.get_secret_value())
+        integrations = IntegrationService(sessions, cipher)
+        return cls(settings, engine, sessions, deployment, celery, orgs, jobs, integrations)
 
     def close(self) -> None:
         self.engine.dispose()

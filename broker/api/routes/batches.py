@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from broker.api.auth import CurrentPrincipal, State
+from broker.api.guards import NoRawCredentials
 from broker.api.responses import JSON
 from broker.schemas import BatchSubmission
 
@@ -18,7 +19,12 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 
 @router.post("", status_code=202)
-async def submit_batch(body: BatchSubmission, principal: CurrentPrincipal, state: State) -> Any:
+async def submit_batch(
+    _: NoRawCredentials,
+    body: BatchSubmission,
+    principal: CurrentPrincipal,
+    state: State,
+) -> Any:
     view = await run_in_threadpool(state.jobs.submit_batch, principal.org_id, body)
     return JSON(view, status_code=202)
 

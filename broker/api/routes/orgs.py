@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from broker.api.auth import AdminPrincipal, CurrentPrincipal, State, check_org_path
+from broker.api.guards import NoRawCredentials
 from broker.api.responses import JSON
 from broker.schemas import OrgSettingsUpdate
 
@@ -20,7 +21,10 @@ def get_settings(org: OrgPath, _: AdminPrincipal, state: State) -> Any:
 
 
 @router.put("/v1/orgs/{org}/settings")
-def put_settings(org: OrgPath, body: OrgSettingsUpdate, _: AdminPrincipal, state: State) -> Any:
+def put_settings(
+    _guard: NoRawCredentials, org: OrgPath, body: OrgSettingsUpdate, _: AdminPrincipal,
+    state: State,
+) -> Any:
     return JSON(state.orgs.put_settings(org, body))
 
 
