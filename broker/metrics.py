@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import ColumnElement, case, func, literal, select
 from sqlalchemy.orm import Session
 
 from broker.capabilities import CAPABILITIES, queue_name
@@ -120,54 +120,61 @@ class WindowQuery:
         return counts
 
     def latencies(self, kind: str, by_model: bool) -> dict[GroupKey, Latency]:
-        value, conditions, join = self._latency_source(kind)
+        source = self._latency_source(kind)
         groups = self._groups(by_model)
         if self._dialect == "postgresql":
-            return self._sql_percentiles(value, conditions, join, groups)
-        return self._python_percentiles(value, conditions, join, groups)
+            return self._sql_percentiles(source, groups)
+        return self._python_percentiles(source, groups)
 
-    def _latency_source(self, kind: str) -> tuple[Any, list[ColumnElement[bool]], bool]:
+    def _latency_source(self, kind: str) -> _Source:
+        ended = [Job.finished_at >= self._since, Job.status.in_(("succeeded", "failed"))]
         if kind == "end_to_end":
-            return (self._ms_between(Job.created_at, Job.finished_at),
-                    [Job.finished_at >= self._since, Job.status.in_(("succeeded", "failed"))],
-                    False)
+            return _Source(Job.finished_at, Job.created_at, ended)
         if kind == "queue_wait":
             # Over the same jobs as end to end, so the two read side by side.
-            return (self._ms_between(Job.created_at, Job.started_at),
-                    [Job.finished_at >= self._since, Job.status.in_(("succeeded", "failed")),
-                     Job.started_at.is_not(None)], False)
-        return (Attempt.latency_ms, [Attempt.finished_at >= self._since,
-                                     Attempt.latency_ms.is_not(None)], True)
+            return _Source(Job.started_at, Job.created_at, [*ended, Job.started_at.is_not(None)])
+        return _Source(Attempt.latency_ms, None, [Attempt.finished_at >= self._since,
+                                                  Attempt.latency_ms.is_not(None)], join=True)
 
-    def _ms_between(self, start: Any, end: Any) -> Any:
-        if self._dialect == "postgresql":
-            return func.extract("epoch", end - start) * 1000
-        return (func.julianday(end) - func.julianday(start)) * 86_400_000.0
-
-    def _base(self, columns: list[Any], conditions: list[ColumnElement[bool]],
-              join: bool) -> Any:
+    def _select(self, columns: list[Any], source: _Source) -> Any:
         stmt = select(*columns).select_from(Job)
-        if join:
+        if source.join:
             stmt = stmt.join(Attempt, Attempt.job_id == Job.id)
-        return stmt.where(*self._scoped(*conditions))
+        return stmt.where(*self._scoped(*source.conditions))
 
-    def _sql_percentiles(self, value: Any, conditions: list[ColumnElement[bool]], join: bool,
-                         groups: list[Any]) -> dict[GroupKey, Latency]:
+    def _sql_percentiles(self, source: _Source, groups: list[Any]) -> dict[GroupKey, Latency]:
+        value = source.value
+        if source.start is not None:
+            value = func.extract("epoch", source.value - source.start) * 1000
         quantiles = [func.percentile_cont(p).within_group(value) for p in PERCENTILES]
-        stmt = self._base([*groups, func.count(), *quantiles], conditions, join).group_by(*groups)
+        stmt = self._select([*groups, func.count(), *quantiles], source).group_by(*groups)
         result = {}
         for row in self._session.execute(stmt):
             *key, n, p50, p95, p99 = row
             result[tuple(key)] = Latency(int(n), _float(p50), _float(p95), _float(p99))
         return result
 
-    def _python_percentiles(self, value: Any, conditions: list[ColumnElement[bool]], join: bool,
-                            groups: list[Any]) -> dict[GroupKey, Latency]:
+    def _python_percentiles(self, source: _Source, groups: list[Any]) -> dict[GroupKey, Latency]:
+        # SQLite's date functions keep whole milliseconds; subtract the stored values here.
+        start = source.start if source.start is not None else literal(None)
         values: dict[GroupKey, list[float]] = defaultdict(list)
-        for *key, sample in self._session.execute(self._base([*groups, value], conditions, join)):
-            values[tuple(key)].append(float(sample))
+        for *key, end, begin in self._session.execute(
+            self._select([*groups, source.value, start], source)
+        ):
+            sample = float(end) if begin is None else (end - begin).total_seconds() * 1000
+            values[tuple(key)].append(sample)
         return {key: Latency(len(found), *(percentile_cont(found, p) for p in PERCENTILES))
                 for key, found in values.items()}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A latency: ``value`` in ms, or the time from ``start`` to ``value``; which rows count."""
+
+    value: Any
+    start: Any
+    conditions: list[ColumnElement[bool]]
+    join: bool = False
 
 
 def _float(value: Any) -> float | None:
