@@ -7,7 +7,10 @@ and job rows, independently of the broker's own code.
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -382,3 +385,19 @@ def test_readyz_names_the_database_when_it_is_down(workload):
     stack.kill("api-nodb")
     assert ready["checks"]["database"].startswith("failed")
     assert ready["checks"]["broker"] == "ok"
+
+
+def test_multiprocess_mode_renders_series_written_by_another_process(tmp_path):
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    write = ("from broker import prometheus as p; "
+             "p.REQUESTS.labels('planner', 'gpt-4.1-mini', 'hosted', 'succeeded').inc(3); "
+             "p.IN_FLIGHT.labels('planner').inc()")
+    subprocess.run([sys.executable, "-c", write], env=env, check=True, timeout=60)
+    read = "import sys; from broker import prometheus as p; sys.stdout.buffer.write(p.render({}))"
+    text = subprocess.run([sys.executable, "-c", read], env=env, check=True, timeout=60,
+                          capture_output=True).stdout.decode()
+    families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    assert value(families["molar_llm_requests"], "molar_llm_requests_total",
+                 capability="planner", outcome="succeeded") == 3
+    assert value(families["molar_llm_jobs_in_flight"], "molar_llm_jobs_in_flight",
+                 capability="planner") == 1
