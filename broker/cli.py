@@ -1,4 +1,4 @@
-"""The ``molar-llm`` command line: serve, worker, fake-upstream, migrate, demo."""
+"""The ``molar-llm`` command line: serve, worker, flower, fake-upstream, migrate, demo."""
 
 from __future__ import annotations
 
@@ -53,7 +53,10 @@ def serve(host: str, port: int, workers: int) -> None:
               help="Provider calls in flight at once (threads; calls are network-bound).")
 @click.option("--name", default=None, help="Worker node name (default: llm-<group>@<host>).")
 @click.option("--loglevel", default=None, help="Log level (default: MOLAR_LLM_LOG_LEVEL).")
-def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str | None) -> None:
+@click.option("--metrics-port", default=None, type=int,
+              help="Serve this worker's Prometheus series on this port (default: off).")
+def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str | None,
+           metrics_port: int | None) -> None:
     """Run a provider worker for some capability queues."""
     from broker.capabilities import CAPABILITIES, queue_name
     from broker.migrate import ensure_embedded_schema
@@ -68,12 +71,19 @@ def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str 
     ensure_embedded_schema(settings)
     from tasks.llm import app  # the task module registers the tasks on the app
 
+    if metrics_port is not None:
+        from broker.prometheus import serve_worker_metrics
+
+        serve_worker_metrics(metrics_port)
+
     group = "all" if set(caps) == set(CAPABILITIES) else "+".join(caps)
+    # JSON logs stay pure JSON lines: no start-up banner.
+    quiet = ["--quiet"] if settings.log_format == "json" else []
     argv = [
-        "worker", "--pool", "threads", "--concurrency", str(concurrency),
+        *quiet, "worker", "--pool", "threads", "--concurrency", str(concurrency),
         "--queues", ",".join(queue_name(c) for c in caps),
         "--hostname", name or f"llm-{group}@%h", "--events",
-        "--loglevel", (loglevel or settings.log_level).upper(), "--without-heartbeat",
+        "--loglevel", (loglevel or settings.log_level).upper(),
         "--without-mingle", "--without-gossip",
     ]
     app.worker_main(argv)
@@ -90,6 +100,34 @@ def fake_upstream(host: str, port: int, latency_ms: float, api_keys: tuple[str, 
     from workers.fake_upstream import serve as serve_fake
 
     serve_fake(host, port, latency_ms=latency_ms, api_keys=api_keys)
+
+
+@main.command()
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5555, show_default=True, type=int)
+@click.option("--url-prefix", default="", help="Serve under this path (behind a proxy).")
+@click.option("--no-auth", is_flag=True,
+              help="Local development only: no basic auth, loopback address only.")
+@click.option("--allow-control", is_flag=True,
+              help="Enable Flower's control operations (shutdown, revoke, apply); off by default.")
+def flower(address: str, port: int, url_prefix: str, no_auth: bool,
+           allow_control: bool) -> None:
+    """Run Flower on the configured broker (basic auth from MOLAR_LLM_FLOWER_BASIC_AUTH)."""
+    from broker.flower import FlowerConfigError, FlowerOptions, parse_basic_auth, run_flower
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        options = FlowerOptions(
+            address=address, port=port, url_prefix=url_prefix, no_auth=no_auth,
+            allow_control=allow_control,
+            basic_auth=parse_basic_auth(settings.flower_basic_auth.get_secret_value()),
+        )
+        from tasks.llm import app  # registered tasks show in Flower's task types
+
+        run_flower(app, options)
+    except FlowerConfigError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command()

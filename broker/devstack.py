@@ -108,10 +108,13 @@ class LocalStack:
         return self.api_url
 
     def start_worker(self, name: str = "worker", capabilities: Iterable[str] = CAPABILITIES,
-                     concurrency: int = 64) -> subprocess.Popen[bytes]:
+                     concurrency: int = 64, metrics_port: int | None = None
+                     ) -> subprocess.Popen[bytes]:
         caps = ",".join(capabilities)
+        extra = ["--metrics-port", str(metrics_port)] if metrics_port else []
         return self.molar(name, "worker", "--capabilities", caps, "--concurrency",
-                          str(concurrency), "--name", f"{name}-{secrets.token_hex(3)}@%h")
+                          str(concurrency), "--name", f"{name}-{secrets.token_hex(3)}@%h",
+                          *extra)
 
     def kill(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15) -> None:
         proc = self.procs.pop(name, None)

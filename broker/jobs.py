@@ -69,8 +69,10 @@ class JobService:
         with transaction(self._sessions) as session:
             session.add(job)
         self._publish_or_undo([(job.id, job.capability)], job_ids=[job.id], batch_id=None)
-        log.info("job %s queued org=%s capability=%s route=%s/%s", job.id, org_id,
-                 job.capability, job.route["provider_integration_id"], job.route["model"])
+        route = f"{job.route['provider_integration_id']}/{job.route['model']}"
+        log.info("job %s queued org=%s capability=%s route=%s", job.id, org_id, job.capability,
+                 route, extra={"job_id": job.id, "org_id": org_id, "capability": job.capability,
+                               "attempt": 0, "route": route, "job_status": "queued"})
         return job_view(job)
 
     def submit_batch(self, org_id: str, body: BatchSubmission) -> dict[str, Any]:
@@ -118,7 +120,9 @@ class JobService:
             session.execute(insert(Job), rows)
         published = [(str(row["id"]), str(row["capability"])) for row in rows]
         self._publish_or_undo(published, job_ids=None, batch_id=batch.id)
-        log.info("batch %s queued org=%s items=%d", batch.id, org_id, len(items))
+        log.info("batch %s queued org=%s items=%d", batch.id, org_id, len(items),
+                 extra={"batch_id": batch.id, "org_id": org_id, "items": len(items),
+                        "job_status": "queued"})
         return batch_view(batch, bucket_counts([("queued", len(items))]))
 
     def _routes(

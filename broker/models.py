@@ -70,6 +70,8 @@ class Job(Base):
         Index("ix_jobs_batch_index", "batch_id", "batch_index"),
         Index("ix_jobs_org_created", "org_id", "created_at"),
         Index("ix_jobs_status_capability", "status", "capability"),
+        # The metrics view reads jobs and attempts by finish time.
+        Index("ix_jobs_finished_at", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -100,7 +102,10 @@ class Job(Base):
 
 class Attempt(Base):
     __tablename__ = "attempts"
-    __table_args__ = (UniqueConstraint("job_id", "number", name="uq_attempts_job_number"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "number", name="uq_attempts_job_number"),
+        Index("ix_attempts_finished_at", "finished_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     job_id: Mapped[str] = mapped_column(

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     provider_max_connections: int = 256
 
     max_batch_items: int = 50_000
+    # Flower's basic auth, "user:password[,user2:password2]"; `molar-llm flower` needs it.
+    flower_basic_auth: SecretStr = SecretStr("")
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

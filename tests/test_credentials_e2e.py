@@ -22,6 +22,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import inspect, select, text
 
 from broker.capabilities import CAPABILITIES
+from broker.devstack import free_port
 from broker.models import Integration
 from tests.conftest import api, chat, redis_key, stack_db, upstream_calls, wait_job
 
@@ -113,7 +114,9 @@ def canary_stack(make_stack):
     stack = make_stack("redis-pg", env=env)
     # stagehand_vlm is left unserved so one job's message stays on its queue for the scan.
     served = [cap for cap in CAPABILITIES if cap != "stagehand_vlm"]
-    stack.start_worker("worker", capabilities=served, concurrency=8)
+    stack.worker_metrics_port = free_port()
+    stack.start_worker("worker", capabilities=served, concurrency=8,
+                       metrics_port=stack.worker_metrics_port)
     return stack
 
 
@@ -167,6 +170,7 @@ def test_canary_keys_appear_nowhere_and_the_right_key_reaches_the_upstream(canar
         org_a.get("/v1/orgs/org_a/integrations")
         org_a.get(f"/v1/jobs/{queued}")
         metrics = org_a.get("/metrics")
+        worker_metrics = httpx.get(f"http://127.0.0.1:{stack.worker_metrics_port}/metrics")
 
     _assert_outcomes(done, lines, refused)
     _assert_keys_reaching_the_upstream(stack, run, canaries, platform_key)
@@ -174,7 +178,12 @@ def test_canary_keys_appear_nowhere_and_the_right_key_reaches_the_upstream(canar
     secrets_ = [*canaries.values(), platform_key]
     for body in recorder.bodies:
         _assert_clean("an API response", body, secrets_)
+    assert metrics.status_code == 200
+    assert "molar_llm_http_requests_total" in metrics.text
+    assert worker_metrics.status_code == 200
+    assert "molar_llm_requests_total" in worker_metrics.text
     _assert_clean("/metrics", metrics.text, secrets_)
+    _assert_clean("the worker's /metrics", worker_metrics.text, secrets_)
     _scan_redis(stack, queued, secrets_)
     _scan_published(stack, published, jobs, secrets_)
     _scan_sql(stack, secrets_, canaries)

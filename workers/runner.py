@@ -9,18 +9,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.capabilities import EMBEDDING_CAPABILITIES
-from broker.db import utcnow
+from broker.db import as_utc, utcnow
 from broker.metering import estimate_input_tokens, estimate_output_tokens, meter
 from broker.models import Attempt, Job, UsageEvent
 from broker.routing import Deployment, Route
 from broker.sqlutil import insert_ignoring_conflicts
+from workers import observe
 from workers.credentials import CredentialResolver
 from workers.errors import PermanentProviderError, ProviderError
 from workers.group_commit import GroupCommitter
@@ -53,7 +54,8 @@ CLAIM = (
         lease_owner=bindparam("worker"),
         lease_expires_at=bindparam("lease_expires_at"),
     )
-    .returning(Job.org_id, Job.run_id, Job.capability, Job.request, Job.route, Job.attempts)
+    .returning(Job.org_id, Job.run_id, Job.capability, Job.request, Job.route, Job.attempts,
+               Job.created_at)
 )
 FINISH = (
     update(Job)
@@ -74,6 +76,7 @@ class ClaimedJob:
     request: dict[str, Any]
     route: Route
     attempt: int
+    created_at: datetime | None = None
 
 
 class JobRunner:
@@ -102,18 +105,19 @@ class JobRunner:
         job = self._claim(job_id)
         if job is None:
             log.info("job %s dropped: not claimable (terminal, running elsewhere or unknown)",
-                     job_id)
+                     job_id, extra={"job_id": job_id, "job_status": "dropped"})
             return
         log.info("job %s running attempt=%d org=%s capability=%s route=%s/%s", job.id,
                  job.attempt, job.org_id, job.capability, job.route.provider_integration_id,
-                 job.route.model)
+                 job.route.model, extra=observe.log_fields(job, "running"))
         started = time.perf_counter()
-        try:
-            response = self._call(job)
-        except ProviderError as exc:
-            self._fail(job, exc, (time.perf_counter() - started) * 1000)
-            return
-        self._succeed(job, response, (time.perf_counter() - started) * 1000)
+        with observe.running(job):
+            try:
+                response = self._call(job)
+            except ProviderError as exc:
+                self._fail(job, exc, (time.perf_counter() - started) * 1000)
+                return
+            self._succeed(job, response, (time.perf_counter() - started) * 1000)
 
     def _claim(self, job_id: str) -> ClaimedJob | None:
         now = utcnow()
@@ -128,7 +132,7 @@ class JobRunner:
             return None
         route = Route(**row.route)
         return ClaimedJob(job_id, row.org_id, row.run_id, row.capability, row.request, route,
-                          row.attempts)
+                          row.attempts, as_utc(row.created_at))
 
     def _call(self, job: ClaimedJob) -> ProviderResponse:
         # A stored integration names its own provider and base URL; the catalog's provider
@@ -182,7 +186,11 @@ class JobRunner:
 
         self._commits.run(write)
         log.info("job %s succeeded attempt=%d duration_ms=%.1f tokens_in=%d tokens_out=%d",
-                 job.id, job.attempt, elapsed_ms, usage.input_tokens, usage.output_tokens)
+                 job.id, job.attempt, elapsed_ms, usage.input_tokens, usage.output_tokens,
+                 extra=observe.log_fields(job, "succeeded", elapsed_ms))
+        observe.attempt_succeeded(job, elapsed_ms, input_tokens=usage.input_tokens,
+                                  cached_input_tokens=usage.cached_input_tokens,
+                                  output_tokens=usage.output_tokens, cost_usd=usage.cost_usd)
 
     def _fail(self, job: ClaimedJob, exc: ProviderError, elapsed_ms: float) -> None:
         def write(session: Session) -> None:
@@ -192,7 +200,11 @@ class JobRunner:
 
         self._commits.run(write)
         log.warning("job %s failed attempt=%d duration_ms=%.1f code=%s status=%s", job.id,
-                    job.attempt, elapsed_ms, exc.code, exc.status)
+                    job.attempt, elapsed_ms, exc.code, exc.status,
+                    extra=observe.log_fields(job, "failed", elapsed_ms, code=exc.code,
+                                             provider_status=exc.status))
+        observe.attempt_failed(job, elapsed_ms, exc.code)
+        observe.job_finished(job, "failed")
 
     def _record_attempt(self, session: Session, job: ClaimedJob, outcome: str,
                         provider_status: int | None, elapsed_ms: float,

@@ -10,9 +10,10 @@ from fastapi import FastAPI
 
 from broker import __version__
 from broker.api.errors import install_error_handlers
-from broker.api.routes import batches, health, integrations, jobs, orgs
+from broker.api.routes import batches, health, integrations, jobs, metrics, orgs
 from broker.api.state import AppState
 from broker.migrate import ensure_embedded_schema
+from broker.prometheus import HttpMetricsMiddleware
 from broker.security import refuse_unsafe_secrets
 from broker.settings import Settings, get_settings
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="molar-llm-broker", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    for module in (health, jobs, batches, orgs, integrations):
+    app.add_middleware(HttpMetricsMiddleware)
+    for module in (health, jobs, batches, orgs, integrations, metrics):
         app.include_router(module.router)
     return app
