@@ -1,36 +1,45 @@
 """Run one job: claim it, resolve route and credential, call the provider, write back.
 
 The Celery task is a thin shell around :meth:`JobRunner.run`; everything that decides a
-job's fate lives here so it reads top to bottom in one place.
+job's fate lives here so it reads top to bottom in one place:
+
+    claim (lease)  ->  call the provider  ->  keep the answer  ->  ledger + finish
+                              |
+                              +-> failure: retrying (due time in SQL) | failed | cancelled
+
+The answer is kept on its attempt row before the ledger write, so a worker that dies between
+the two leaves it behind and the next claim finishes the job from it without calling the
+provider again. A message for a job that is not claimable is acknowledged and dropped: SQL
+decides when a job runs again (:mod:`tasks.scheduler` republishes due retries and jobs whose
+lease ran out).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.capabilities import EMBEDDING_CAPABILITIES
 from broker.db import transaction, utcnow
-from broker.metering import estimate_input_tokens, estimate_output_tokens, meter
+from broker.metering import MeteredUsage, estimate_input_tokens, estimate_output_tokens, meter
 from broker.models import Attempt, Job, UsageEvent
 from broker.routing import Deployment, Route
 from broker.sqlutil import insert_ignoring_conflicts
+from tasks.retry_policy import RetryDecision, RetryPolicies, decide
 from workers.credentials import CredentialResolver
-from workers.errors import PermanentProviderError, ProviderError
+from workers.errors import PermanentProviderError, ProviderError, RetryableProviderError
 from workers.providers.base import CallKind, Provider, ProviderResponse
 from workers.redaction import redact
 
 log = logging.getLogger(__name__)
-
-CLAIMABLE = ("queued", "retrying")
-# A lease outlives the attempt deadline by this much before another worker may take over.
-LEASE_MARGIN_S = 30
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,17 @@ class ClaimedJob:
     request: dict[str, Any]
     route: Route
     attempt: int
+    attempt_floor: int
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """An attempt whose provider call returned but whose job was never finished."""
+
+    attempt: int
+    result: dict[str, Any]
+    usage: MeteredUsage
 
 
 class JobRunner:
@@ -53,40 +73,71 @@ class JobRunner:
         providers: dict[str, Provider],
         credentials: CredentialResolver,
         worker_name: str,
-        attempt_deadline_s: float,
+        policies: RetryPolicies,
+        lease_margin_s: float,
+        rng: random.Random | None = None,
     ):
         self._sessions = sessions
         self._deployment = deployment
         self._providers = providers
         self._credentials = credentials
         self._worker = worker_name
-        self._deadline_s = attempt_deadline_s
+        self._policies = policies
+        # A lease outlives the longest attempt deadline by the margin before the scheduler
+        # hands the job to another worker.
+        self._lease_s = policies.max_attempt_deadline_s + lease_margin_s
+        self._rng = rng or random.Random()
 
     def run(self, job_id: str) -> None:
-        job = self._claim(job_id)
-        if job is None:
-            log.info("job %s dropped: not claimable (terminal, running elsewhere or unknown)",
-                     job_id)
+        claimed = self._claim(job_id)
+        if claimed is None:
+            self._log_dropped(job_id)
+            return
+        job, stored = claimed
+        if stored is not None:
+            log.info("job %s finishing from the stored answer of attempt=%d (no provider call)",
+                     job.id, stored.attempt)
+            self._complete(job, stored, elapsed_ms=0.0)
+            return
+        if job.cancel_requested:
+            # Cancelled while its worker was lost: end it without another provider call.
+            self._fail(job, PermanentProviderError(
+                "cancelled while the attempt running it was lost; not run again",
+                code="job_cancelled"), 0.0)
+            return
+        policy = self._policies.for_capability(job.capability)
+        if job.attempt - job.attempt_floor > policy.max_attempts:
+            # Earlier attempts were lost with their workers and used up the budget.
+            self._fail(job, RetryableProviderError(
+                f"the workers running earlier attempts of this job stopped (killed or lost) "
+                f"{job.attempt - 1 - job.attempt_floor} time(s); not trying again",
+                code="worker_lost"), 0.0)
             return
         log.info("job %s running attempt=%d org=%s capability=%s route=%s/%s", job.id,
                  job.attempt, job.org_id, job.capability, job.route.provider_integration_id,
                  job.route.model)
         started = time.perf_counter()
         try:
-            response = self._call(job)
+            response = self._call(job, policy.attempt_deadline_s)
         except ProviderError as exc:
             self._fail(job, exc, (time.perf_counter() - started) * 1000)
             return
-        self._succeed(job, response, (time.perf_counter() - started) * 1000)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        answer = self._keep_answer(job, response, elapsed_ms)
+        self._complete(job, answer, elapsed_ms)
 
-    def _claim(self, job_id: str) -> ClaimedJob | None:
+    # -- claim --------------------------------------------------------------------------
+
+    def _claim(self, job_id: str) -> tuple[ClaimedJob, StoredAnswer | None] | None:
         now = utcnow()
         stmt = (
             update(Job)
             .where(
                 Job.id == job_id,
                 or_(
-                    Job.status.in_(CLAIMABLE),
+                    Job.status == "queued",
+                    and_(Job.status == "retrying",
+                         or_(Job.due_at.is_(None), Job.due_at <= now)),
                     # The worker holding it died: its lease ran out.
                     and_(Job.status == "running", Job.lease_expires_at < now),
                 ),
@@ -96,20 +147,71 @@ class JobRunner:
                 attempts=Job.attempts + 1,
                 started_at=func.coalesce(Job.started_at, now),
                 lease_owner=self._worker,
-                lease_expires_at=now + timedelta(seconds=self._deadline_s + LEASE_MARGIN_S),
+                lease_expires_at=now + timedelta(seconds=self._lease_s),
+                due_at=None,
+                published_at=None,
             )
             .returning(Job.org_id, Job.run_id, Job.capability, Job.request, Job.route,
-                       Job.attempts)
+                       Job.attempts, Job.attempt_floor, Job.cancel_requested)
         )
         with transaction(self._sessions) as session:
             row = session.execute(stmt).one_or_none()
-        if row is None:
-            return None
-        route = Route(**row.route)
-        return ClaimedJob(job_id, row.org_id, row.run_id, row.capability, row.request, route,
-                          row.attempts)
+            if row is None:
+                return None
+            job = ClaimedJob(job_id, row.org_id, row.run_id, row.capability, row.request,
+                             Route(**row.route), row.attempts, row.attempt_floor,
+                             bool(row.cancel_requested))
+            self._mark_lost(session, job)
+            stored = self._stored_answer(session, job_id)
+            if stored is None:
+                insert_ignoring_conflicts(session, Attempt.__table__, {  # type: ignore[arg-type]
+                    "job_id": job.id, "number": job.attempt, "worker": self._worker,
+                    "started_at": now, "outcome": "running",
+                }, ("job_id", "number"))
+        return job, stored
 
-    def _call(self, job: ClaimedJob) -> ProviderResponse:
+    def _mark_lost(self, session: Session, job: ClaimedJob) -> None:
+        """Earlier attempts still marked running had their worker die under them."""
+        session.execute(
+            update(Attempt)
+            .where(Attempt.job_id == job.id, Attempt.number < job.attempt,
+                   Attempt.outcome == "running")
+            .values(outcome="lost", finished_at=utcnow(), error_code="worker_lost")
+        )
+
+    def _stored_answer(self, session: Session, job_id: str) -> StoredAnswer | None:
+        row = session.execute(
+            select(Attempt.number, Attempt.result, Attempt.usage)
+            .where(Attempt.job_id == job_id, Attempt.outcome == "succeeded",
+                   Attempt.result.is_not(None))
+            .order_by(Attempt.number.desc()).limit(1)
+        ).one_or_none()
+        if row is None or row.usage is None:
+            return None
+        usage = MeteredUsage(
+            input_tokens=int(row.usage["input_tokens"]),
+            cached_input_tokens=int(row.usage["cached_input_tokens"]),
+            output_tokens=int(row.usage["output_tokens"]),
+            cost_usd=Decimal(str(row.usage["cost_usd"])),
+            estimated=bool(row.usage["estimated"]),
+        )
+        return StoredAnswer(row.number, row.result, usage)
+
+    def _log_dropped(self, job_id: str) -> None:
+        with self._sessions() as session:
+            row = session.execute(
+                select(Job.status, Job.attempts).where(Job.id == job_id)
+            ).one_or_none()
+        if row is None:
+            log.warning("job %s message dropped: no such job", job_id)
+        else:
+            # Running elsewhere, not yet due or finished: SQL says when it runs next.
+            log.info("job %s message dropped: status=%s attempt=%d", job_id, row.status,
+                     row.attempts)
+
+    # -- the call -----------------------------------------------------------------------
+
+    def _call(self, job: ClaimedJob, deadline_s: float) -> ProviderResponse:
         provider = self._providers.get(job.route.provider)
         if provider is None:
             raise PermanentProviderError(
@@ -123,66 +225,127 @@ class JobRunner:
         kind: CallKind = "embedding" if job.capability in EMBEDDING_CAPABILITIES else "chat"
         try:
             return provider.call(kind, job.request, model=job.route.model,
-                                 credential=credential, deadline_s=self._deadline_s)
+                                 credential=credential, deadline_s=deadline_s)
         except ProviderError as exc:
             exc.message = redact(exc.message, [credential.api_key,
                                                *self._credentials.live_secrets()])
             raise
 
-    def _succeed(self, job: ClaimedJob, response: ProviderResponse, elapsed_ms: float) -> None:
-        now = utcnow()
-        model = self._deployment.catalog.get(job.route.model)
-        if response.usage is not None:
-            usage = meter(model, now, input_tokens=response.usage.input_tokens,
-                          cached_input_tokens=response.usage.cached_input_tokens,
-                          output_tokens=response.usage.output_tokens)
-        else:
-            # Until every provider reports usage, an estimate (flagged) beats a zero bill.
-            usage = meter(model, now, input_tokens=estimate_input_tokens(job.request),
-                          cached_input_tokens=0,
-                          output_tokens=estimate_output_tokens(response.body), estimated=True)
+    # -- success ------------------------------------------------------------------------
+
+    def _keep_answer(self, job: ClaimedJob, response: ProviderResponse,
+                     elapsed_ms: float) -> StoredAnswer:
+        """Write the answer to the attempt row first: from here on it is never asked again."""
+        usage = self._meter(job, response)
         with transaction(self._sessions) as session:
-            insert_ignoring_conflicts(session, UsageEvent.__table__, {  # type: ignore[arg-type]
-                "org_id": job.org_id, "run_id": job.run_id, "job_id": job.id,
-                "attempt": job.attempt, "capability": job.capability,
-                "integration_id": job.route.provider_integration_id,
-                "billing_kind": job.route.billing_kind, "provider": job.route.provider,
-                "model": job.route.model, "input_tokens": usage.input_tokens,
-                "cached_input_tokens": usage.cached_input_tokens,
-                "output_tokens": usage.output_tokens, "cost_usd": usage.cost_usd,
-                "meters": usage.meters, "estimated": usage.estimated, "created_at": now,
-            }, ("job_id", "attempt"))
-            self._record_attempt(session, job, "succeeded", response.status, elapsed_ms, None)
-            self._finish(session, job, status="succeeded", result=response.body,
-                         usage=usage.to_dict(), error=None)
+            self._end_attempt(session, job.id, job.attempt, "succeeded", response.status,
+                              elapsed_ms, None, result=response.body, usage=usage.to_dict())
+        return StoredAnswer(job.attempt, response.body, usage)
+
+    def _meter(self, job: ClaimedJob, response: ProviderResponse) -> MeteredUsage:
+        model = self._deployment.catalog.get(job.route.model)
+        now = utcnow()
+        if response.usage is not None:
+            return meter(model, now, input_tokens=response.usage.input_tokens,
+                         cached_input_tokens=response.usage.cached_input_tokens,
+                         output_tokens=response.usage.output_tokens)
+        # Until every provider reports usage, an estimate (flagged) beats a zero bill.
+        return meter(model, now, input_tokens=estimate_input_tokens(job.request),
+                     cached_input_tokens=0, output_tokens=estimate_output_tokens(response.body),
+                     estimated=True)
+
+    def _complete(self, job: ClaimedJob, answer: StoredAnswer, elapsed_ms: float) -> None:
+        """One transaction: the ledger event of the answering attempt and the finished job."""
+        usage = answer.usage
+        with transaction(self._sessions) as session:
+            self._write_usage_event(session, job, answer.attempt, usage)
+            finished = self._finish(session, job, status="succeeded", result=answer.result,
+                                    usage=usage.to_dict(), error=None, attempts=answer.attempt)
+            if finished:
+                session.execute(
+                    update(Attempt).where(Attempt.job_id == job.id,
+                                          Attempt.number == answer.attempt)
+                    .values(result=None)
+                )
         log.info("job %s succeeded attempt=%d duration_ms=%.1f tokens_in=%d tokens_out=%d",
-                 job.id, job.attempt, elapsed_ms, usage.input_tokens, usage.output_tokens)
+                 job.id, answer.attempt, elapsed_ms, usage.input_tokens, usage.output_tokens)
+
+    def _write_usage_event(self, session: Session, job: ClaimedJob, attempt: int,
+                           usage: MeteredUsage) -> None:
+        # Keyed by (job, attempt): writing the same attempt twice leaves one event.
+        insert_ignoring_conflicts(session, UsageEvent.__table__, {  # type: ignore[arg-type]
+            "org_id": job.org_id, "run_id": job.run_id, "job_id": job.id,
+            "attempt": attempt, "capability": job.capability,
+            "integration_id": job.route.provider_integration_id,
+            "billing_kind": job.route.billing_kind, "provider": job.route.provider,
+            "model": job.route.model, "input_tokens": usage.input_tokens,
+            "cached_input_tokens": usage.cached_input_tokens,
+            "output_tokens": usage.output_tokens, "cost_usd": usage.cost_usd,
+            "meters": usage.meters, "estimated": usage.estimated, "created_at": utcnow(),
+        }, ("job_id", "attempt"))
+
+    # -- failure ------------------------------------------------------------------------
 
     def _fail(self, job: ClaimedJob, exc: ProviderError, elapsed_ms: float) -> None:
+        policy = self._policies.for_capability(job.capability)
+        decision = decide(policy, exc, job.attempt - job.attempt_floor, self._rng)
         with transaction(self._sessions) as session:
-            self._record_attempt(session, job, "failed", exc.status, elapsed_ms, exc.code)
-            self._finish(session, job, status="failed", result=None, usage=None,
-                         error=exc.to_error())
-        log.warning("job %s failed attempt=%d duration_ms=%.1f code=%s status=%s", job.id,
-                    job.attempt, elapsed_ms, exc.code, exc.status)
+            self._end_attempt(session, job.id, job.attempt, "failed", exc.status, elapsed_ms,
+                              exc.code)
+            status = self._after_failure(session, job, decision)
+        if status == "retrying":
+            log.warning("job %s retrying attempt=%d duration_ms=%.1f code=%s status=%s "
+                        "delay_s=%.2f", job.id, job.attempt, elapsed_ms, exc.code, exc.status,
+                        decision.delay_s)
+        else:
+            log.warning("job %s %s attempt=%d duration_ms=%.1f code=%s status=%s", job.id,
+                        status or "unchanged (lease lost)", job.attempt, elapsed_ms,
+                        decision.error["code"], exc.status)
 
-    def _record_attempt(self, session: Session, job: ClaimedJob, outcome: str,
-                        provider_status: int | None, elapsed_ms: float,
-                        error_code: str | None) -> None:
+    def _after_failure(self, session: Session, job: ClaimedJob,
+                       decision: RetryDecision) -> str | None:
+        """Retry later, give up, or end cancelled when a cancel came in during the call."""
         now = utcnow()
-        insert_ignoring_conflicts(session, Attempt.__table__, {  # type: ignore[arg-type]
-            "job_id": job.id, "number": job.attempt, "worker": self._worker,
-            "started_at": now - timedelta(milliseconds=elapsed_ms), "finished_at": now,
-            "outcome": outcome, "provider_status": provider_status,
-            "latency_ms": round(elapsed_ms, 3), "error_code": error_code,
-        }, ("job_id", "number"))
+        target = "retrying" if decision.retry else "failed"
+        finished_at = None if decision.retry else now
+        row = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.attempts == job.attempt, Job.status == "running")
+            .values(
+                status=case((Job.cancel_requested, "cancelled"), else_=target),
+                error=decision.error,
+                due_at=case((Job.cancel_requested, None),
+                            else_=now + timedelta(seconds=decision.delay_s)
+                            if decision.retry else None),
+                finished_at=case((Job.cancel_requested, now), else_=finished_at),
+                published_at=None, lease_owner=None, lease_expires_at=None,
+            )
+            .returning(Job.status)
+        ).one_or_none()
+        return None if row is None else str(row.status)
+
+    # -- rows ---------------------------------------------------------------------------
+
+    def _end_attempt(self, session: Session, job_id: str, number: int, outcome: str,
+                     provider_status: int | None, elapsed_ms: float, error_code: str | None,
+                     *, result: dict[str, Any] | None = None,
+                     usage: dict[str, Any] | None = None) -> None:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.job_id == job_id, Attempt.number == number)
+            .values(finished_at=utcnow(), outcome=outcome, provider_status=provider_status,
+                    latency_ms=round(elapsed_ms, 3), error_code=error_code, result=result,
+                    usage=usage)
+        )
 
     def _finish(self, session: Session, job: ClaimedJob, *, status: str,
                 result: dict[str, Any] | None, usage: dict[str, Any] | None,
-                error: dict[str, Any] | None) -> None:
-        session.execute(
+                error: dict[str, Any] | None, attempts: int) -> bool:
+        """Finish the job if this claim still holds it; True when it did."""
+        done = session.execute(
             update(Job)
             .where(Job.id == job.id, Job.attempts == job.attempt, Job.status == "running")
-            .values(status=status, result=result, usage=usage, error=error,
+            .values(status=status, result=result, usage=usage, error=error, attempts=attempts,
                     finished_at=utcnow(), lease_owner=None, lease_expires_at=None)
         )
+        return bool(getattr(done, "rowcount", 0))

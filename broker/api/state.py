@@ -8,7 +8,9 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.control import JobControl
 from broker.db import make_engine, make_sessionmaker
+from broker.idempotency import IdempotentSubmissions
 from broker.jobs import JobService
 from broker.orgs import OrgService
 from broker.routing import Deployment, load_deployment
@@ -25,6 +27,8 @@ class AppState:
     celery: Celery
     orgs: OrgService
     jobs: JobService
+    control: JobControl
+    submissions: IdempotentSubmissions
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
@@ -36,7 +40,10 @@ class AppState:
         jobs = JobService(
             sessions, deployment, celery, orgs, max_batch_items=settings.max_batch_items
         )
-        return cls(settings, engine, sessions, deployment, celery, orgs, jobs)
+        control = JobControl(sessions, celery, jobs)
+        submissions = IdempotentSubmissions(sessions, ttl_s=settings.idempotency_ttl_s)
+        return cls(settings, engine, sessions, deployment, celery, orgs, jobs, control,
+                   submissions)
 
     def close(self) -> None:
         self.engine.dispose()
