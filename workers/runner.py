@@ -306,20 +306,23 @@ class JobRunner:
                        decision: RetryDecision) -> str | None:
         """Retry later, give up, or end cancelled when a cancel came in during the call."""
         now = utcnow()
-        target = "retrying" if decision.retry else "failed"
-        finished_at = None if decision.retry else now
+        if decision.retry:
+            due = now + timedelta(seconds=decision.delay_s)
+            values: dict[str, Any] = {
+                "status": case((Job.cancel_requested, "cancelled"), else_="retrying"),
+                "due_at": case((Job.cancel_requested, None), else_=due),
+                "finished_at": case((Job.cancel_requested, now), else_=None),
+            }
+        else:
+            values = {
+                "status": case((Job.cancel_requested, "cancelled"), else_="failed"),
+                "due_at": None, "finished_at": now,
+            }
         row = session.execute(
             update(Job)
             .where(Job.id == job.id, Job.attempts == job.attempt, Job.status == "running")
-            .values(
-                status=case((Job.cancel_requested, "cancelled"), else_=target),
-                error=decision.error,
-                due_at=case((Job.cancel_requested, None),
-                            else_=now + timedelta(seconds=decision.delay_s)
-                            if decision.retry else None),
-                finished_at=case((Job.cancel_requested, now), else_=finished_at),
-                published_at=None, lease_owner=None, lease_expires_at=None,
-            )
+            .values(error=decision.error, published_at=None, lease_owner=None,
+                    lease_expires_at=None, **values)
             .returning(Job.status)
         ).one_or_none()
         return None if row is None else str(row.status)
