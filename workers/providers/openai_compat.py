@@ -93,13 +93,16 @@ class OpenAICompatibleProvider:
             message = redact(f"cannot reach the provider: {type(exc).__name__}: {exc}",
                              [credential.api_key])
             raise RetryableProviderError(message, code="provider_unreachable") from None
-        return httpx.Response(response.status_code, headers=response.headers, content=content,
+        # The body is already decoded: drop the headers that described its wire form.
+        kept = [(k, v) for k, v in response.headers.multi_items()
+                if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        return httpx.Response(response.status_code, headers=kept, content=content,
                               request=response.request)
 
 
 def _read_before(response: httpx.Response, ends_at: float, deadline_s: float) -> bytes:
     chunks: list[bytes] = []
-    for chunk in response.iter_raw():
+    for chunk in response.iter_bytes():
         chunks.append(chunk)
         if time.monotonic() > ends_at:
             raise _timeout(deadline_s, "body still arriving at the deadline")
