@@ -22,8 +22,9 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
+from broker.client import BrokerClient
 from broker.models import Attempt, Batch, UsageEvent
-from tests.conftest import api, chat, stack_db, upstream_calls, wait_batch, wait_job
+from tests.conftest import SERVICE_KEY, api, chat, stack_db, upstream_calls, wait_batch, wait_job
 
 DEADLINE_S = 3.0
 VISIBILITY_TIMEOUT_S = 8
@@ -209,7 +210,9 @@ def test_cancel_of_a_waiting_job_stops_it_and_a_manual_retry_runs_it(stack):
     request = scripted(fail=[{"status": 429, "retry_after": 20}])
     with api(stack) as client:
         job_id = submit(client, "planner", request)
-        wait_job(client, job_id, statuses=("retrying",))
+        waiting = wait_job(client, job_id, statuses=("retrying",))
+        assert waiting["next_attempt_at"] > waiting["started_at"]
+        assert waiting["error"]["provider_status"] == 429
         cancelled = client.post(f"/v1/jobs/{job_id}/cancel")
         assert cancelled.status_code == 200, cancelled.text
         assert cancelled.json()["status"] == "cancelled"
@@ -317,6 +320,9 @@ def test_an_idempotency_key_returns_the_original_job_and_is_scoped_per_org(stack
         second = a.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
         other_org = b.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
         bad = a.post("/v1/jobs", json=body, headers={"Idempotency-Key": "has space"})
+    with BrokerClient(stack.api_url, service_key=SERVICE_KEY, org_id="org_idem_a") as client:
+        via_client = client.submit_job("planner", chat("once"), idempotency_key=key)
+    assert via_client["id"] == first.json()["id"]
     assert (first.status_code, second.status_code, other_org.status_code) == (202, 200, 202)
     assert first.json()["id"] == second.json()["id"] != other_org.json()["id"]
     assert bad.status_code == 400
