@@ -376,9 +376,14 @@ def test_the_retry_command_requeues_what_its_filters_select_and_prints_it(stack)
 # -- crash safety -----------------------------------------------------------------------
 
 
+# A longer deadline keeps the first, hanging call in flight until the test kills its worker.
+CRASH = {**FAST, "MOLAR_LLM_ATTEMPT_DEADLINE_S": "6", "MOLAR_LLM_TASK_TIME_LIMIT_S": "8",
+         "MOLAR_LLM_VISIBILITY_TIMEOUT_S": "16"}
+
+
 @pytest.fixture(scope="module")
 def crash_stack(make_stack):
-    return make_stack("redis-pg", env=FAST)
+    return make_stack("redis-pg", env=CRASH)
 
 
 def _wait_attempt(client, job_id: str, outcome: str, timeout_s: float = 30) -> None:
@@ -391,7 +396,7 @@ def _wait_attempt(client, job_id: str, outcome: str, timeout_s: float = 30) -> N
 
 
 def test_a_worker_killed_mid_call_leaves_a_job_that_the_next_worker_finishes_once(crash_stack):
-    request = scripted(latency_ms=2000)
+    request = scripted(fail=[{"hang": True}])
     crash_stack.start_worker("doomed", concurrency=4)
     with api(crash_stack) as client:
         job_id = submit(client, "planner", request)
