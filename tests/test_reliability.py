@@ -360,6 +360,11 @@ def test_the_retry_command_requeues_what_its_filters_select_and_prints_it(stack)
         command = [sys.executable, "-m", "broker.cli", "retry", "--batch", batch_id,
                    "--capability", "export_healer", "--error-code", "provider_error",
                    "--since", "1h"]
+        preview = subprocess.run([*command, "--dry-run"], env=stack.env, capture_output=True,
+                                 text=True, timeout=60, check=False)
+        assert preview.returncode == 0, preview.stderr
+        assert preview.stdout.strip().splitlines()[-1] == "would re-queue 2 job(s) (dry run)"
+        assert client.get(f"/v1/batches/{batch_id}").json()["request_counts"]["failed"] == 2
         out = subprocess.run(command, env=stack.env, capture_output=True, text=True,
                              timeout=60, check=False)
         assert out.returncode == 0, out.stderr
