@@ -99,26 +99,35 @@ class JobRunner:
                      job.id, stored.attempt)
             self._complete(job, stored, elapsed_ms=0.0)
             return
-        if job.cancel_requested:
-            # Cancelled while its worker was lost: end it without another provider call.
-            self._fail(job, PermanentProviderError(
-                "cancelled while the attempt running it was lost; not run again",
-                code="job_cancelled"), 0.0)
+        refusal = self._refusal(job)
+        if refusal is not None:
+            self._fail(job, refusal, 0.0)
             return
-        policy = self._policies.for_capability(job.capability)
-        if job.attempt - job.attempt_floor > policy.max_attempts:
-            # Earlier attempts were lost with their workers and used up the budget.
-            self._fail(job, RetryableProviderError(
+        self._attempt(job)
+
+    def _refusal(self, job: ClaimedJob) -> ProviderError | None:
+        """Why a claimed job must end without a provider call, if it must."""
+        if job.cancel_requested:
+            return PermanentProviderError(
+                "cancelled while the attempt running it was lost; not run again",
+                code="job_cancelled")
+        if job.attempt - job.attempt_floor > self._policies.for_capability(
+                job.capability).max_attempts:
+            return RetryableProviderError(
                 f"the workers running earlier attempts of this job stopped (killed or lost) "
                 f"{job.attempt - 1 - job.attempt_floor} time(s); not trying again",
-                code="worker_lost"), 0.0)
-            return
+                code="worker_lost")
+        return None
+
+    def _attempt(self, job: ClaimedJob) -> None:
+        """Call the provider once; keep the answer, then bill and finish, or record the failure."""
+        deadline_s = self._policies.for_capability(job.capability).attempt_deadline_s
         log.info("job %s running attempt=%d org=%s capability=%s route=%s/%s", job.id,
                  job.attempt, job.org_id, job.capability, job.route.provider_integration_id,
                  job.route.model)
         started = time.perf_counter()
         try:
-            response = self._call(job, policy.attempt_deadline_s)
+            response = self._call(job, deadline_s)
         except ProviderError as exc:
             self._fail(job, exc, (time.perf_counter() - started) * 1000)
             return
