@@ -68,6 +68,12 @@ def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str 
     settings = get_settings()
     _secure_start(settings)
     configure_logging(loglevel or settings.log_level, settings.log_format)
+    from tasks.retry_policy import RetryPolicies
+
+    try:
+        RetryPolicies.from_settings(settings)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     ensure_embedded_schema(settings)
     from tasks.llm import app  # the task module registers the tasks on the app
 
@@ -158,6 +164,36 @@ def rotate_keys() -> None:
         raise click.ClickException(exc.message + "; nothing was changed") from None
     click.echo(f"re-encrypted {count} stored credential(s) under the newest key; keys after "
                "the first in MOLAR_LLM_ENCRYPTION_KEYS can now be dropped")
+
+
+@main.command()
+@click.option("--org", default=None, help="Only this org's jobs.")
+@click.option("--batch", default=None, help="Only this batch's items.")
+@click.option("--capability", default=None, help="Only jobs of this capability.")
+@click.option("--error-code", default=None, help="Only jobs whose error has this code.")
+@click.option("--since", default=None,
+              help="Finished at or after: ISO 8601, or an age such as 90m, 1h, 2d.")
+@click.option("--until", default=None, help="Finished before: ISO 8601, or an age.")
+@click.option("--include-cancelled", is_flag=True, help="Re-queue cancelled jobs as well.")
+@click.option("--dry-run", is_flag=True, help="Print what would be re-queued; change nothing.")
+def retry(org: str | None, batch: str | None, capability: str | None, error_code: str | None,
+          since: str | None, until: str | None, include_cancelled: bool, dry_run: bool) -> None:
+    """Re-queue failed jobs as new attempts, e.g. every failed export_healer job of the last hour:
+
+    molar-llm retry --capability export_healer --since 1h
+    """
+    from broker.retry_cli import RetryFilter, run_retry
+
+    try:
+        where = RetryFilter.parse(org=org, batch=batch, capability=capability,
+                                  error_code=error_code, since=since, until=until,
+                                  include_cancelled=include_cancelled)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    settings = get_settings()
+    configure_logging("WARNING", settings.log_format)
+    for line in run_retry(settings, where, dry_run=dry_run):
+        click.echo(line)
 
 
 @main.command()

@@ -71,15 +71,31 @@ class BrokerClient:
     def close(self) -> None:
         self._http.close()
 
-    def submit_job(self, capability: str, request: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    def submit_job(self, capability: str, request: dict[str, Any], *,
+                   idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Submit one job; with ``idempotency_key`` a resubmission returns the original."""
         return self._json("POST", "/v1/jobs", {"capability": capability, "request": request,
-                                                **fields})
+                                                **fields}, idempotency_key=idempotency_key)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")
 
-    def submit_batch(self, items: Iterable[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-        return self._json("POST", "/v1/batches", {"items": list(items), **fields})
+    def submit_batch(self, items: Iterable[dict[str, Any]], *,
+                     idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
+        return self._json("POST", "/v1/batches", {"items": list(items), **fields},
+                          idempotency_key=idempotency_key)
+
+    def retry_job(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/jobs/{job_id}/retry")
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def retry_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/batches/{batch_id}/retry")
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/batches/{batch_id}/cancel")
 
     def get_batch(self, batch_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/batches/{batch_id}")
@@ -132,9 +148,12 @@ class BrokerClient:
     def routing(self) -> dict[str, Any]:
         return self._json("GET", "/v1/routing")
 
-    def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    def _json(self, method: str, path: str, body: Any = None, *,
+              idempotency_key: str | None = None) -> dict[str, Any]:
         content = orjson.dumps(body) if body is not None else None
-        headers = {"Content-Type": "application/json"} if content is not None else None
+        headers = {"Content-Type": "application/json"} if content is not None else {}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         try:
             response = self._http.request(method, path, content=content, headers=headers)
         except httpx.TransportError as exc:

@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.db import transaction, utcnow
 from broker.errors import InvalidRequest, NotFound, ServiceUnavailable
-from broker.models import Batch, Job
+from broker.idempotency import Recorder
+from broker.models import Batch, IdempotencyKey, Job
 from broker.orgs import OrgService
 from broker.routing import Deployment, Route, resolve_routes, validate_routing
 from broker.schemas import BatchSubmission, JobSubmission
@@ -30,6 +31,8 @@ from tasks.publish import publish_jobs
 log = logging.getLogger(__name__)
 RESULTS_PAGE = 1000
 PUBLISH_ERRORS = (KombuOperationalError, RedisError, ConnectionError, OSError)
+# A batch with nothing queued or running any more ends in the status its current one leads to.
+SETTLES_AS = {"in_progress": "completed", "cancelling": "cancelled"}
 
 
 def new_id(prefix: str) -> str:
@@ -54,7 +57,9 @@ class JobService:
 
     # -- submission ---------------------------------------------------------------------
 
-    def submit_job(self, org_id: str, body: JobSubmission) -> dict[str, Any]:
+    def submit_job(
+        self, org_id: str, body: JobSubmission, *, record: Recorder | None = None
+    ) -> dict[str, Any]:
         check_capability(body.capability, param="capability")
         check_request(body.capability, body.request, param="request")
         routing = validate_routing(
@@ -67,6 +72,8 @@ class JobService:
             run_id=body.run_id, attempts=0, created_at=utcnow(),
         )
         with transaction(self._sessions) as session:
+            if record is not None:
+                record(session, job.id)
             session.add(job)
         self._publish_or_undo([(job.id, job.capability)], job_ids=[job.id], batch_id=None)
         route = f"{job.route['provider_integration_id']}/{job.route['model']}"
@@ -75,7 +82,9 @@ class JobService:
                                "attempt": 0, "route": route, "job_status": "queued"})
         return job_view(job)
 
-    def submit_batch(self, org_id: str, body: BatchSubmission) -> dict[str, Any]:
+    def submit_batch(
+        self, org_id: str, body: BatchSubmission, *, record: Recorder | None = None
+    ) -> dict[str, Any]:
         items = body.items
         if len(items) > self._max_batch_items:
             raise InvalidRequest(
@@ -115,6 +124,8 @@ class JobService:
             for index, item in enumerate(items)
         ]
         with transaction(self._sessions) as session:
+            if record is not None:
+                record(session, batch.id)
             session.add(batch)
             session.flush()
             session.execute(insert(Job), rows)
@@ -145,6 +156,8 @@ class JobService:
             log.error("publish failed, removing %d unpublished job(s): %s", len(jobs),
                       type(exc).__name__)
             with transaction(self._sessions) as session:
+                ids = [batch_id] if batch_id is not None else job_ids or []
+                session.execute(delete(IdempotencyKey).where(IdempotencyKey.resource_id.in_(ids)))
                 if batch_id is not None:
                     session.execute(delete(Job).where(Job.batch_id == batch_id))
                     session.execute(delete(Batch).where(Batch.id == batch_id))
@@ -171,15 +184,15 @@ class JobService:
                 .group_by(Job.status)
             ).all()
         counts = bucket_counts([(status, n) for status, n in rows])
-        if batch.status == "in_progress" and counts["queued"] + counts["running"] == 0:
-            batch = self._mark_completed(batch)
+        if counts["queued"] + counts["running"] == 0 and batch.status in SETTLES_AS:
+            batch = self._mark_settled(batch)
         return batch_view(batch, counts)
 
-    def _mark_completed(self, batch: Batch) -> Batch:
+    def _mark_settled(self, batch: Batch) -> Batch:
         with transaction(self._sessions) as session:
             session.execute(
-                update(Batch).where(Batch.id == batch.id, Batch.status == "in_progress")
-                .values(status="completed", completed_at=utcnow())
+                update(Batch).where(Batch.id == batch.id, Batch.status == batch.status)
+                .values(status=SETTLES_AS[batch.status], completed_at=utcnow())
             )
             refreshed = session.get(Batch, batch.id)
         assert refreshed is not None

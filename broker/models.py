@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -72,6 +73,7 @@ class Job(Base):
         Index("ix_jobs_status_capability", "status", "capability"),
         # The metrics view reads jobs and attempts by finish time.
         Index("ix_jobs_finished_at", "finished_at"),
+        Index("ix_jobs_status_due", "status", "due_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -98,6 +100,13 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Retries (tasks/scheduler.py): when a `retrying` job is due, when it was last published
+    # by the scheduler, whether a cancel waits for the running attempt, and how many attempts
+    # came before the last manual retry (the retry budget counts from there).
+    due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    attempt_floor: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Attempt(Base):
@@ -119,6 +128,11 @@ class Attempt(Base):
     provider_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     latency_ms: Mapped[float | None] = mapped_column(Numeric(12, 3), nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The provider's answer, kept until the job is finished from it: a worker that dies after
+    # the call and before the ledger write leaves it here, and the next claim finishes the
+    # job from it instead of calling the provider again.
+    result: Mapped[JsonDict | None] = mapped_column(JSON, nullable=True)
+    usage: Mapped[JsonDict | None] = mapped_column(JSON, nullable=True)
 
 
 class UsageEvent(Base):
@@ -163,3 +177,22 @@ class Integration(Base):
     key_hint: Mapped[str] = mapped_column(String(8))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """An ``Idempotency-Key`` seen on a submission, per org, with what it created."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        UniqueConstraint("org_id", "key", name="uq_idempotency_keys_org_key"),
+        Index("ix_idempotency_keys_expires", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(128))
+    key: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(8))
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

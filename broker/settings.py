@@ -62,6 +62,15 @@ class Settings(BaseSettings):
     provider_read_timeout_s: float = 120.0
     provider_max_connections: int = 256
 
+    # Reliability (docs/reliability.md). Retry policies are JSON: {"<capability>" or "*":
+    # {"max_attempts", "base_backoff_s", "max_backoff_s", "jitter_ratio", "attempt_deadline_s",
+    # "max_retry_after_s"}}, over the built-in defaults in tasks/retry_policy.py.
+    retry_policies: dict[str, dict[str, float]] = Field(default_factory=dict)
+    lease_margin_s: float = Field(default=30.0, gt=0)
+    scheduler_interval_s: float = Field(default=1.0, gt=0)
+    scheduler_resend_s: float = Field(default=60.0, gt=0)
+    idempotency_ttl_s: int = Field(default=86_400, ge=86_400)
+
     max_batch_items: int = 50_000
     # Flower's basic auth, "user:password[,user2:password2]"; `molar-llm flower` needs it.
     flower_basic_auth: SecretStr = SecretStr("")

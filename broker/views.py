@@ -30,6 +30,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "run_id": job.run_id,
         "route": job.route,
         "attempts": job.attempts,
+        "next_attempt_at": iso(job.due_at) if job.status == "retrying" else None,
         "result": job.result,
         "error": job.error,
         "usage": job.usage,

@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from broker.capabilities import CAPABILITIES
@@ -20,6 +20,8 @@ from broker.routing import load_deployment
 from broker.settings import get_settings
 from tasks.app import app as app
 from tasks.app import task_name
+from tasks.retry_policy import RetryPolicies
+from tasks.scheduler import Scheduler
 from workers.credentials import CredentialResolver, store_lookup
 from workers.providers.base import Provider
 from workers.providers.openai_compat import OpenAICompatibleProvider
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
 _providers: dict[str, Provider] = {}
+_schedulers: list[Scheduler] = []
 
 
 def get_runner() -> JobRunner:
@@ -59,7 +62,8 @@ def _build_runner() -> JobRunner:
         providers=dict(_providers),
         credentials=CredentialResolver(settings, byok_lookup=store_lookup(store)),
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
-        attempt_deadline_s=settings.attempt_deadline_s,
+        policies=RetryPolicies.from_settings(settings),
+        lease_margin_s=settings.lease_margin_s,
     )
 
 
@@ -84,8 +88,21 @@ for _capability in CAPABILITIES:
     _register(_capability)
 
 
+@worker_ready.connect
+def _start_scheduler(**_: Any) -> None:
+    settings = get_settings()
+    engine = make_engine(settings.resolved_database_url, pool_size=1, max_overflow=2)
+    scheduler = Scheduler(make_sessionmaker(engine), app,
+                          interval_s=settings.scheduler_interval_s,
+                          resend_s=settings.scheduler_resend_s)
+    scheduler.start()
+    _schedulers.append(scheduler)
+
+
 @worker_shutdown.connect
 def _close_providers(**_: Any) -> None:
+    for scheduler in _schedulers:
+        scheduler.stop()
     if _runner is not None:
         _runner.close()
     for provider in set(_providers.values()):

@@ -1,70 +1,47 @@
 """Run one job: claim it, resolve route and credential, call the provider, write back.
 
 The Celery task is a thin shell around :meth:`JobRunner.run`; everything that decides a
-job's fate lives here so it reads top to bottom in one place.
+job's fate lives here so it reads top to bottom in one place:
+
+    claim (lease)  ->  call the provider  ->  keep the answer  ->  ledger + finish
+                              |
+                              +-> failure: retrying (due time in SQL) | failed | cancelled
+
+The answer is kept on its attempt row before the ledger write, so a worker that dies between
+the two leaves it behind and the next claim finishes the job from it without calling the
+provider again. A message for a job that is not claimable is acknowledged and dropped: SQL
+decides when a job runs again (:mod:`tasks.scheduler` republishes due retries and jobs whose
+lease ran out).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.capabilities import EMBEDDING_CAPABILITIES
 from broker.db import as_utc, utcnow
-from broker.metering import estimate_input_tokens, estimate_output_tokens, meter
+from broker.metering import MeteredUsage, estimate_input_tokens, estimate_output_tokens, meter
 from broker.models import Attempt, Job, UsageEvent
 from broker.routing import Deployment, Route
 from broker.sqlutil import insert_ignoring_conflicts
+from tasks.retry_policy import RetryDecision, RetryPolicies, decide
 from workers import observe
 from workers.credentials import CredentialResolver
-from workers.errors import PermanentProviderError, ProviderError
+from workers.errors import PermanentProviderError, ProviderError, RetryableProviderError
 from workers.group_commit import GroupCommitter
 from workers.providers.base import CallKind, Provider, ProviderResponse
 from workers.redaction import redact
 
 log = logging.getLogger(__name__)
-
-CLAIMABLE = ("queued", "retrying")
-# A lease outlives the attempt deadline by this much before another worker may take over.
-LEASE_MARGIN_S = 30
-
-
-# Built once: executing a prepared construct skips statement building and cache-key work,
-# which dominated the worker's CPU per job.
-CLAIM = (
-    update(Job)
-    .where(
-        Job.id == bindparam("job_id"),
-        or_(
-            Job.status.in_(CLAIMABLE),
-            # The worker holding it died: its lease ran out.
-            and_(Job.status == "running", Job.lease_expires_at < bindparam("now")),
-        ),
-    )
-    .values(
-        status="running",
-        attempts=Job.attempts + 1,
-        started_at=func.coalesce(Job.started_at, bindparam("now")),
-        lease_owner=bindparam("worker"),
-        lease_expires_at=bindparam("lease_expires_at"),
-    )
-    .returning(Job.org_id, Job.run_id, Job.capability, Job.request, Job.route, Job.attempts,
-               Job.created_at)
-)
-FINISH = (
-    update(Job)
-    .where(Job.id == bindparam("job_id"), Job.attempts == bindparam("attempt"),
-           Job.status == "running")
-    .values(status=bindparam("status"), result=bindparam("result"), usage=bindparam("usage"),
-            error=bindparam("error"), finished_at=bindparam("finished_at"), lease_owner=None,
-            lease_expires_at=None)
-)
 
 
 @dataclass(frozen=True)
@@ -76,7 +53,18 @@ class ClaimedJob:
     request: dict[str, Any]
     route: Route
     attempt: int
+    attempt_floor: int
+    cancel_requested: bool
     created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """An attempt whose provider call returned but whose job was never finished."""
+
+    attempt: int
+    result: dict[str, Any]
+    usage: MeteredUsage
 
 
 class JobRunner:
@@ -88,53 +76,167 @@ class JobRunner:
         providers: dict[str, Provider],
         credentials: CredentialResolver,
         worker_name: str,
-        attempt_deadline_s: float,
+        policies: RetryPolicies,
+        lease_margin_s: float,
+        rng: random.Random | None = None,
     ):
         self._sessions = sessions
+        # Every write goes through the group committer: under load, concurrent jobs share
+        # transactions instead of each paying for its own checkout, BEGIN and COMMIT.
         self._commits = GroupCommitter(sessions)
         self._deployment = deployment
         self._providers = providers
         self._credentials = credentials
         self._worker = worker_name
-        self._deadline_s = attempt_deadline_s
+        self._policies = policies
+        # A lease outlives the longest attempt deadline by the margin before the scheduler
+        # hands the job to another worker.
+        self._lease_s = policies.max_attempt_deadline_s + lease_margin_s
+        self._rng = rng or random.Random()
 
     def close(self) -> None:
         self._commits.close()
 
     def run(self, job_id: str) -> None:
-        job = self._claim(job_id)
-        if job is None:
-            log.info("job %s dropped: not claimable (terminal, running elsewhere or unknown)",
-                     job_id, extra={"job_id": job_id, "job_status": "dropped"})
+        claimed = self._claim(job_id)
+        if claimed is None:
+            self._log_dropped(job_id)
             return
+        job, stored = claimed
+        if stored is not None:
+            log.info("job %s finishing from the stored answer of attempt=%d (no provider call)",
+                     job.id, stored.attempt)
+            self._complete(job, stored, elapsed_ms=0.0)
+            return
+        refusal = self._refusal(job)
+        if refusal is not None:
+            self._fail(job, refusal, 0.0)
+            return
+        self._attempt(job)
+
+    def _refusal(self, job: ClaimedJob) -> ProviderError | None:
+        """Why a claimed job must end without a provider call, if it must."""
+        if job.cancel_requested:
+            return PermanentProviderError(
+                "cancelled while the attempt running it was lost; not run again",
+                code="job_cancelled")
+        if job.attempt - job.attempt_floor > self._policies.for_capability(
+                job.capability).max_attempts:
+            return RetryableProviderError(
+                f"the workers running earlier attempts of this job stopped (killed or lost) "
+                f"{job.attempt - 1 - job.attempt_floor} time(s); not trying again",
+                code="worker_lost")
+        return None
+
+    def _attempt(self, job: ClaimedJob) -> None:
+        """Call the provider once; keep the answer, then bill and finish, or record the failure."""
+        deadline_s = self._policies.for_capability(job.capability).attempt_deadline_s
         log.info("job %s running attempt=%d org=%s capability=%s route=%s/%s", job.id,
                  job.attempt, job.org_id, job.capability, job.route.provider_integration_id,
                  job.route.model, extra=observe.log_fields(job, "running"))
         started = time.perf_counter()
         with observe.running(job):
             try:
-                response = self._call(job)
+                response = self._call(job, deadline_s)
             except ProviderError as exc:
                 self._fail(job, exc, (time.perf_counter() - started) * 1000)
                 return
-            self._succeed(job, response, (time.perf_counter() - started) * 1000)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        answer = self._keep_answer(job, response, elapsed_ms)
+        self._complete(job, answer, elapsed_ms)
 
-    def _claim(self, job_id: str) -> ClaimedJob | None:
+    # -- claim --------------------------------------------------------------------------
+
+    def _claim(self, job_id: str) -> tuple[ClaimedJob, StoredAnswer | None] | None:
         now = utcnow()
-        params = {
-            "job_id": job_id, "now": now, "worker": self._worker,
-            "lease_expires_at": now + timedelta(seconds=self._deadline_s + LEASE_MARGIN_S),
-        }
-        row = self._commits.run(
-            lambda session: session.connection().execute(CLAIM, params).one_or_none()
+        stmt = (
+            update(Job)
+            .where(
+                Job.id == job_id,
+                or_(
+                    Job.status == "queued",
+                    and_(Job.status == "retrying",
+                         or_(Job.due_at.is_(None), Job.due_at <= now)),
+                    # The worker holding it died: its lease ran out.
+                    and_(Job.status == "running", Job.lease_expires_at < now),
+                ),
+            )
+            .values(
+                status="running",
+                attempts=Job.attempts + 1,
+                started_at=func.coalesce(Job.started_at, now),
+                lease_owner=self._worker,
+                lease_expires_at=now + timedelta(seconds=self._lease_s),
+                due_at=None,
+                published_at=None,
+            )
+            .returning(Job.org_id, Job.run_id, Job.capability, Job.request, Job.route,
+                       Job.attempts, Job.attempt_floor, Job.cancel_requested, Job.created_at)
         )
-        if row is None:
-            return None
-        route = Route(**row.route)
-        return ClaimedJob(job_id, row.org_id, row.run_id, row.capability, row.request, route,
-                          row.attempts, as_utc(row.created_at))
 
-    def _call(self, job: ClaimedJob) -> ProviderResponse:
+        def claim(session: Session) -> tuple[ClaimedJob, StoredAnswer | None] | None:
+            row = session.execute(stmt).one_or_none()
+            if row is None:
+                return None
+            job = ClaimedJob(job_id, row.org_id, row.run_id, row.capability, row.request,
+                             Route(**row.route), row.attempts, row.attempt_floor,
+                             bool(row.cancel_requested), as_utc(row.created_at))
+            stored = None
+            if job.attempt > 1:  # only a job that ran before can have lost or kept answers
+                self._mark_lost(session, job)
+                stored = self._stored_answer(session, job_id)
+            if stored is None:
+                insert_ignoring_conflicts(session, Attempt.__table__, {  # type: ignore[arg-type]
+                    "job_id": job.id, "number": job.attempt, "worker": self._worker,
+                    "started_at": now, "outcome": "running",
+                }, ("job_id", "number"))
+            return job, stored
+
+        return self._commits.run(claim)
+
+    def _mark_lost(self, session: Session, job: ClaimedJob) -> None:
+        """Earlier attempts still marked running had their worker die under them."""
+        session.execute(
+            update(Attempt)
+            .where(Attempt.job_id == job.id, Attempt.number < job.attempt,
+                   Attempt.outcome == "running")
+            .values(outcome="lost", finished_at=utcnow(), error_code="worker_lost")
+        )
+
+    def _stored_answer(self, session: Session, job_id: str) -> StoredAnswer | None:
+        row = session.execute(
+            select(Attempt.number, Attempt.result, Attempt.usage)
+            .where(Attempt.job_id == job_id, Attempt.outcome == "succeeded",
+                   Attempt.result.is_not(None))
+            .order_by(Attempt.number.desc()).limit(1)
+        ).one_or_none()
+        if row is None or row.usage is None:
+            return None
+        usage = MeteredUsage(
+            input_tokens=int(row.usage["input_tokens"]),
+            cached_input_tokens=int(row.usage["cached_input_tokens"]),
+            output_tokens=int(row.usage["output_tokens"]),
+            cost_usd=Decimal(str(row.usage["cost_usd"])),
+            estimated=bool(row.usage["estimated"]),
+        )
+        return StoredAnswer(row.number, row.result, usage)
+
+    def _log_dropped(self, job_id: str) -> None:
+        with self._sessions() as session:
+            row = session.execute(
+                select(Job.status, Job.attempts).where(Job.id == job_id)
+            ).one_or_none()
+        fields = {"job_id": job_id, "job_status": "dropped"}
+        if row is None:
+            log.warning("job %s message dropped: no such job", job_id, extra=fields)
+        else:
+            # Running elsewhere, not yet due or finished: SQL says when it runs next.
+            log.info("job %s message dropped: status=%s attempt=%d", job_id, row.status,
+                     row.attempts, extra=fields)
+
+    # -- the call -----------------------------------------------------------------------
+
+    def _call(self, job: ClaimedJob, deadline_s: float) -> ProviderResponse:
         # A stored integration names its own provider and base URL; the catalog's provider
         # applies to molar-managed routes only.
         credential = self._credentials.resolve(
@@ -151,76 +253,144 @@ class JobRunner:
         kind: CallKind = "embedding" if job.capability in EMBEDDING_CAPABILITIES else "chat"
         try:
             return provider.call(kind, job.request, model=job.route.model,
-                                 credential=credential, deadline_s=self._deadline_s)
+                                 credential=credential, deadline_s=deadline_s)
         except ProviderError as exc:
             exc.message = redact(exc.message, [credential.api_key,
                                                *self._credentials.live_secrets()])
             raise
 
-    def _succeed(self, job: ClaimedJob, response: ProviderResponse, elapsed_ms: float) -> None:
-        now = utcnow()
+    # -- success ------------------------------------------------------------------------
+
+    def _keep_answer(self, job: ClaimedJob, response: ProviderResponse,
+                     elapsed_ms: float) -> StoredAnswer:
+        """Write the answer to the attempt row first: from here on it is never asked again."""
+        usage = self._meter(job, response)
+        self._commits.run(lambda session: self._end_attempt(
+            session, job.id, job.attempt, "succeeded", response.status, elapsed_ms, None,
+            result=response.body, usage=usage.to_dict()))
+        return StoredAnswer(job.attempt, response.body, usage)
+
+    def _meter(self, job: ClaimedJob, response: ProviderResponse) -> MeteredUsage:
         model = self._deployment.catalog.get(job.route.model)
+        now = utcnow()
         if response.usage is not None:
-            usage = meter(model, now, input_tokens=response.usage.input_tokens,
-                          cached_input_tokens=response.usage.cached_input_tokens,
-                          output_tokens=response.usage.output_tokens)
-        else:
-            # Until every provider reports usage, an estimate (flagged) beats a zero bill.
-            usage = meter(model, now, input_tokens=estimate_input_tokens(job.request),
-                          cached_input_tokens=0,
-                          output_tokens=estimate_output_tokens(response.body), estimated=True)
+            return meter(model, now, input_tokens=response.usage.input_tokens,
+                         cached_input_tokens=response.usage.cached_input_tokens,
+                         output_tokens=response.usage.output_tokens)
+        # Until every provider reports usage, an estimate (flagged) beats a zero bill.
+        return meter(model, now, input_tokens=estimate_input_tokens(job.request),
+                     cached_input_tokens=0, output_tokens=estimate_output_tokens(response.body),
+                     estimated=True)
+
+    def _complete(self, job: ClaimedJob, answer: StoredAnswer, elapsed_ms: float) -> None:
+        """One transaction: the ledger event of the answering attempt and the finished job."""
+        usage = answer.usage
+
         def write(session: Session) -> None:
-            insert_ignoring_conflicts(session, UsageEvent.__table__, {  # type: ignore[arg-type]
-                "org_id": job.org_id, "run_id": job.run_id, "job_id": job.id,
-                "attempt": job.attempt, "capability": job.capability,
-                "integration_id": job.route.provider_integration_id,
-                "billing_kind": job.route.billing_kind, "provider": job.route.provider,
-                "model": job.route.model, "input_tokens": usage.input_tokens,
-                "cached_input_tokens": usage.cached_input_tokens,
-                "output_tokens": usage.output_tokens, "cost_usd": usage.cost_usd,
-                "meters": usage.meters, "estimated": usage.estimated, "created_at": now,
-            }, ("job_id", "attempt"))
-            self._record_attempt(session, job, "succeeded", response.status, elapsed_ms, None)
-            self._finish(session, job, status="succeeded", result=response.body,
-                         usage=usage.to_dict(), error=None)
+            self._write_usage_event(session, job, answer.attempt, usage)
+            finished = self._finish(session, job, status="succeeded", result=answer.result,
+                                    usage=usage.to_dict(), error=None, attempts=answer.attempt)
+            if finished:
+                session.execute(
+                    update(Attempt).where(Attempt.job_id == job.id,
+                                          Attempt.number == answer.attempt)
+                    .values(result=None)
+                )
 
         self._commits.run(write)
         log.info("job %s succeeded attempt=%d duration_ms=%.1f tokens_in=%d tokens_out=%d",
-                 job.id, job.attempt, elapsed_ms, usage.input_tokens, usage.output_tokens,
+                 job.id, answer.attempt, elapsed_ms, usage.input_tokens, usage.output_tokens,
                  extra=observe.log_fields(job, "succeeded", elapsed_ms))
         observe.attempt_succeeded(job, elapsed_ms, input_tokens=usage.input_tokens,
                                   cached_input_tokens=usage.cached_input_tokens,
                                   output_tokens=usage.output_tokens, cost_usd=usage.cost_usd)
 
+    def _write_usage_event(self, session: Session, job: ClaimedJob, attempt: int,
+                           usage: MeteredUsage) -> None:
+        # Keyed by (job, attempt): writing the same attempt twice leaves one event.
+        insert_ignoring_conflicts(session, UsageEvent.__table__, {  # type: ignore[arg-type]
+            "org_id": job.org_id, "run_id": job.run_id, "job_id": job.id,
+            "attempt": attempt, "capability": job.capability,
+            "integration_id": job.route.provider_integration_id,
+            "billing_kind": job.route.billing_kind, "provider": job.route.provider,
+            "model": job.route.model, "input_tokens": usage.input_tokens,
+            "cached_input_tokens": usage.cached_input_tokens,
+            "output_tokens": usage.output_tokens, "cost_usd": usage.cost_usd,
+            "meters": usage.meters, "estimated": usage.estimated, "created_at": utcnow(),
+        }, ("job_id", "attempt"))
+
+    # -- failure ------------------------------------------------------------------------
+
     def _fail(self, job: ClaimedJob, exc: ProviderError, elapsed_ms: float) -> None:
-        def write(session: Session) -> None:
-            self._record_attempt(session, job, "failed", exc.status, elapsed_ms, exc.code)
-            self._finish(session, job, status="failed", result=None, usage=None,
-                         error=exc.to_error())
+        policy = self._policies.for_capability(job.capability)
+        decision = decide(policy, exc, job.attempt - job.attempt_floor, self._rng)
+        def write(session: Session) -> str | None:
+            self._end_attempt(session, job.id, job.attempt, "failed", exc.status, elapsed_ms,
+                              exc.code)
+            return self._after_failure(session, job, decision)
 
-        self._commits.run(write)
-        log.warning("job %s failed attempt=%d duration_ms=%.1f code=%s status=%s", job.id,
-                    job.attempt, elapsed_ms, exc.code, exc.status,
-                    extra=observe.log_fields(job, "failed", elapsed_ms, code=exc.code,
-                                             provider_status=exc.status))
+        status = self._commits.run(write)
         observe.attempt_failed(job, elapsed_ms, exc.code)
-        observe.job_finished(job, "failed")
+        fields = observe.log_fields(job, status or "failed", elapsed_ms,
+                                    code=decision.error["code"], provider_status=exc.status)
+        if status == "retrying":
+            log.warning("job %s retrying attempt=%d duration_ms=%.1f code=%s status=%s "
+                        "delay_s=%.2f", job.id, job.attempt, elapsed_ms, exc.code, exc.status,
+                        decision.delay_s, extra=fields)
+            return
+        log.warning("job %s %s attempt=%d duration_ms=%.1f code=%s status=%s", job.id,
+                    status or "unchanged (lease lost)", job.attempt, elapsed_ms,
+                    decision.error["code"], exc.status, extra=fields)
+        if status in ("failed", "cancelled"):
+            observe.job_finished(job, status)
 
-    def _record_attempt(self, session: Session, job: ClaimedJob, outcome: str,
-                        provider_status: int | None, elapsed_ms: float,
-                        error_code: str | None) -> None:
+    def _after_failure(self, session: Session, job: ClaimedJob,
+                       decision: RetryDecision) -> str | None:
+        """Retry later, give up, or end cancelled when a cancel came in during the call."""
         now = utcnow()
-        insert_ignoring_conflicts(session, Attempt.__table__, {  # type: ignore[arg-type]
-            "job_id": job.id, "number": job.attempt, "worker": self._worker,
-            "started_at": now - timedelta(milliseconds=elapsed_ms), "finished_at": now,
-            "outcome": outcome, "provider_status": provider_status,
-            "latency_ms": round(elapsed_ms, 3), "error_code": error_code,
-        }, ("job_id", "number"))
+        if decision.retry:
+            due = now + timedelta(seconds=decision.delay_s)
+            values: dict[str, Any] = {
+                "status": case((Job.cancel_requested, "cancelled"), else_="retrying"),
+                "due_at": case((Job.cancel_requested, None), else_=due),
+                "finished_at": case((Job.cancel_requested, now), else_=None),
+            }
+        else:
+            values = {
+                "status": case((Job.cancel_requested, "cancelled"), else_="failed"),
+                "due_at": None, "finished_at": now,
+            }
+        row = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.attempts == job.attempt, Job.status == "running")
+            .values(error=decision.error, published_at=None, lease_owner=None,
+                    lease_expires_at=None, **values)
+            .returning(Job.status)
+        ).one_or_none()
+        return None if row is None else str(row.status)
+
+    # -- rows ---------------------------------------------------------------------------
+
+    def _end_attempt(self, session: Session, job_id: str, number: int, outcome: str,
+                     provider_status: int | None, elapsed_ms: float, error_code: str | None,
+                     *, result: dict[str, Any] | None = None,
+                     usage: dict[str, Any] | None = None) -> None:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.job_id == job_id, Attempt.number == number)
+            .values(finished_at=utcnow(), outcome=outcome, provider_status=provider_status,
+                    latency_ms=round(elapsed_ms, 3), error_code=error_code, result=result,
+                    usage=usage)
+        )
 
     def _finish(self, session: Session, job: ClaimedJob, *, status: str,
                 result: dict[str, Any] | None, usage: dict[str, Any] | None,
-                error: dict[str, Any] | None) -> None:
-        session.connection().execute(FINISH, {
-            "job_id": job.id, "attempt": job.attempt, "status": status, "result": result,
-            "usage": usage, "error": error, "finished_at": utcnow(),
-        })
+                error: dict[str, Any] | None, attempts: int) -> bool:
+        """Finish the job if this claim still holds it; True when it did."""
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.attempts == job.attempt, Job.status == "running")
+            .values(status=status, result=result, usage=usage, error=error, attempts=attempts,
+                    finished_at=utcnow(), lease_owner=None, lease_expires_at=None)
+        )
+        return bool(getattr(done, "rowcount", 0))

@@ -8,8 +8,10 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.control import JobControl
 from broker.crypto import CredentialCipher
 from broker.db import make_engine, make_sessionmaker
+from broker.idempotency import IdempotentSubmissions
 from broker.integrations import IntegrationService
 from broker.jobs import JobService
 from broker.orgs import OrgService
@@ -28,6 +30,8 @@ class AppState:
     orgs: OrgService
     jobs: JobService
     integrations: IntegrationService
+    control: JobControl
+    submissions: IdempotentSubmissions
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
@@ -41,7 +45,10 @@ class AppState:
         )
         cipher = CredentialCipher(settings.encryption_keys.get_secret_value())
         integrations = IntegrationService(sessions, cipher)
-        return cls(settings, engine, sessions, deployment, celery, orgs, jobs, integrations)
+        control = JobControl(sessions, celery, jobs)
+        submissions = IdempotentSubmissions(sessions, ttl_s=settings.idempotency_ttl_s)
+        return cls(settings, engine, sessions, deployment, celery, orgs, jobs, integrations,
+                   control, submissions)
 
     def close(self) -> None:
         self.engine.dispose()

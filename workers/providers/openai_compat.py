@@ -71,8 +71,10 @@ class OpenAICompatibleProvider:
     def _send(
         self, url: str, body: dict[str, Any], credential: Credential, deadline_s: float
     ) -> httpx.Response:
-        # Each read may wait at most the remaining deadline, so a silent upstream ends the
-        # attempt on time instead of holding a worker slot for the full read timeout.
+        # httpx timeouts apply per read, so each read may wait at most the deadline and the body
+        # is read in chunks against the deadline of the whole attempt: a silent upstream, or one
+        # that stalls mid-body, ends the attempt on time instead of holding a worker slot.
+        ends_at = time.monotonic() + deadline_s
         timeout = httpx.Timeout(
             min(self._read_timeout_s, deadline_s), connect=min(self._connect_timeout_s, deadline_s)
         )
@@ -81,18 +83,39 @@ class OpenAICompatibleProvider:
             "Content-Type": "application/json",
         }
         try:
-            return self._client.post(
-                url, content=orjson.dumps(body), headers=headers, timeout=timeout
-            )
+            with self._client.stream(
+                "POST", url, content=orjson.dumps(body), headers=headers, timeout=timeout
+            ) as response:
+                content = _read_before(response, ends_at, deadline_s)
         except httpx.TimeoutException as exc:
-            raise RetryableProviderError(
-                f"provider did not answer within {deadline_s:.1f}s ({type(exc).__name__})",
-                code="provider_timeout",
-            ) from None
+            raise _timeout(deadline_s, type(exc).__name__) from None
         except httpx.TransportError as exc:
             message = redact(f"cannot reach the provider: {type(exc).__name__}: {exc}",
                              [credential.api_key])
             raise RetryableProviderError(message, code="provider_unreachable") from None
+        # The body is already decoded: drop the headers that described its wire form.
+        kept = [(k, v) for k, v in response.headers.multi_items()
+                if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        return httpx.Response(response.status_code, headers=kept, content=content,
+                              request=response.request)
+
+
+def _read_before(response: httpx.Response, ends_at: float, deadline_s: float) -> bytes:
+    chunks: list[bytes] = []
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        if time.monotonic() > ends_at:
+            raise _timeout(deadline_s, "body still arriving at the deadline")
+    if time.monotonic() > ends_at:
+        raise _timeout(deadline_s, "body complete only after the deadline")
+    return b"".join(chunks)
+
+
+def _timeout(deadline_s: float, detail: str) -> RetryableProviderError:
+    return RetryableProviderError(
+        f"provider did not answer within the attempt deadline of {deadline_s:.1f}s ({detail})",
+        code="provider_timeout",
+    )
 
 
 def parse_usage(payload: dict[str, Any]) -> TokenUsage | None:

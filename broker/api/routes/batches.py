@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from broker.api.auth import CurrentPrincipal, State
 from broker.api.guards import NoRawCredentials
 from broker.api.responses import JSON
+from broker.idempotency import make_claim
 from broker.schemas import BatchSubmission
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -24,9 +25,19 @@ async def submit_batch(
     body: BatchSubmission,
     principal: CurrentPrincipal,
     state: State,
+    idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
-    view = await run_in_threadpool(state.jobs.submit_batch, principal.org_id, body)
-    return JSON(view, status_code=202)
+    org = principal.org_id
+    if idempotency_key is None:
+        view = await run_in_threadpool(state.jobs.submit_batch, org, body)
+        return JSON(view, status_code=202)
+    claim = make_claim(org, idempotency_key, "batch", body)
+    view, status = await run_in_threadpool(
+        state.submissions.submit, claim,
+        lambda record: state.jobs.submit_batch(org, body, record=record),
+        lambda resource_id: state.jobs.get_batch(org, resource_id),
+    )
+    return JSON(view, status_code=status)
 
 
 @router.get("/{batch_id}")
@@ -38,6 +49,16 @@ def get_batch(batch_id: str, principal: CurrentPrincipal, state: State) -> Any:
 def batch_results(batch_id: str, principal: CurrentPrincipal, state: State) -> Any:
     lines = state.jobs.iter_batch_results(principal.org_id, batch_id)
     return StreamingResponse(_jsonl(lines), media_type="application/jsonl")
+
+
+@router.post("/{batch_id}/retry")
+def retry_batch(batch_id: str, principal: CurrentPrincipal, state: State) -> Any:
+    return JSON(state.control.retry_batch(principal.org_id, batch_id))
+
+
+@router.post("/{batch_id}/cancel")
+def cancel_batch(batch_id: str, principal: CurrentPrincipal, state: State) -> Any:
+    return JSON(state.control.cancel_batch(principal.org_id, batch_id))
 
 
 def _jsonl(lines: Iterator[dict[str, Any]]) -> Iterator[bytes]:

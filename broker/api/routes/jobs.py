@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.concurrency import run_in_threadpool
 
 from broker.api.auth import CurrentPrincipal, State
 from broker.api.guards import NoRawCredentials
 from broker.api.responses import JSON
+from broker.idempotency import make_claim
 from broker.schemas import JobSubmission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -21,11 +22,36 @@ async def submit_job(
     body: JobSubmission,
     principal: CurrentPrincipal,
     state: State,
+    idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
-    view = await run_in_threadpool(state.jobs.submit_job, principal.org_id, body)
-    return JSON(view, status_code=202)
+    org = principal.org_id
+    if idempotency_key is None:
+        view = await run_in_threadpool(state.jobs.submit_job, org, body)
+        return JSON(view, status_code=202)
+    claim = make_claim(org, idempotency_key, "job", body)
+    view, status = await run_in_threadpool(
+        state.submissions.submit, claim,
+        lambda record: state.jobs.submit_job(org, body, record=record),
+        lambda resource_id: state.jobs.get_job(org, resource_id),
+    )
+    return JSON(view, status_code=status)
 
 
 @router.get("/{job_id}")
 def get_job(job_id: str, principal: CurrentPrincipal, state: State) -> Any:
     return JSON(state.jobs.get_job(principal.org_id, job_id))
+
+
+@router.get("/{job_id}/attempts")
+def job_attempts(job_id: str, principal: CurrentPrincipal, state: State) -> Any:
+    return JSON(state.control.attempts(principal.org_id, job_id))
+
+
+@router.post("/{job_id}/retry")
+def retry_job(job_id: str, principal: CurrentPrincipal, state: State) -> Any:
+    return JSON(state.control.retry_job(principal.org_id, job_id))
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, principal: CurrentPrincipal, state: State) -> Any:
+    return JSON(state.control.cancel_job(principal.org_id, job_id))
