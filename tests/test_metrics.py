@@ -361,7 +361,9 @@ def test_readyz_names_the_broker_when_it_is_down_and_the_view_degrades(workload)
     url = f"http://127.0.0.1:{port}"
     # Up, then asked once: each probe waits out the broker's connect timeout.
     wait_http(f"{url}/healthz", proc=proc, timeout_s=60)
-    ready_response = httpx.get(f"{url}/readyz", timeout=30)
+    assert httpx.get(f"{url}/readyz", timeout=30).json() == {"status": "not_ready"}
+    ready_response = httpx.get(f"{url}/readyz", timeout=30,
+                               headers={"Authorization": f"Bearer {SERVICE_KEY}"})
     assert ready_response.status_code == 503
     ready = ready_response.json()
     view = httpx.get(f"{url}/api/v1/llm/metrics", timeout=60,
@@ -384,7 +386,8 @@ def test_readyz_names_the_database_when_it_is_down(workload):
     proc = stack.molar("api-nodb", "serve", "--port", str(port),
                        extra_env={"MOLAR_LLM_DATABASE_URL": dead_db})
     wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc, timeout_s=60)
-    ready_response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30)
+    ready_response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30,
+                               headers={"Authorization": f"Bearer {SERVICE_KEY}"})
     assert ready_response.status_code == 503
     ready = ready_response.json()
     stack.kill("api-nodb")

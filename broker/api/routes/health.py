@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import hmac
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from sqlalchemy import text
 
 from broker.api.auth import State
@@ -19,13 +20,23 @@ async def healthz() -> Any:
 
 
 @router.get("/readyz")
-def readyz(state: State) -> Any:
+def readyz(
+    state: State, authorization: Annotated[str | None, Header()] = None
+) -> Any:
+    """200 or 503 for probes, which cannot send credentials; with the service key the body
+    also names each dependency's state, so an operator sees which one failed."""
     checks = {"database": _check_database(state), "broker": _check_broker(state)}
     ready = all(value == "ok" for value in checks.values())
-    return JSON(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status_code=200 if ready else 503,
-    )
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready"}
+    if _is_service_key(state, authorization):
+        body["checks"] = checks
+    return JSON(body, status_code=200 if ready else 503)
+
+
+def _is_service_key(state: State, authorization: str | None) -> bool:
+    scheme, _, token = (authorization or "").partition(" ")
+    expected = state.settings.service_key.get_secret_value().encode()
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
 
 
 def _check_database(state: State) -> str:
