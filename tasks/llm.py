@@ -11,12 +11,14 @@ from typing import Any
 from celery.signals import worker_shutdown
 
 from broker.capabilities import CAPABILITIES
+from broker.completion_wait import CompletionNotifier
 from broker.db import make_engine, make_sessionmaker
 from broker.routing import load_deployment
 from broker.settings import get_settings
 from tasks.app import app as app
 from tasks.app import task_name
 from workers.credentials import CredentialResolver
+from workers.providers.anthropic import AnthropicProvider
 from workers.providers.base import Provider
 from workers.providers.openai_compat import OpenAICompatibleProvider
 from workers.runner import JobRunner
@@ -45,14 +47,22 @@ def _build_runner() -> JobRunner:
         read_timeout_s=settings.provider_read_timeout_s,
         max_connections=settings.provider_max_connections,
     )
-    _providers.update({"openai": openai, "openai_compatible": openai})
+    deployment = load_deployment(settings.catalog_file, settings.routing_defaults_file)
+    anthropic = AnthropicProvider(
+        catalog=deployment.catalog,
+        connect_timeout_s=settings.provider_connect_timeout_s,
+        read_timeout_s=settings.provider_read_timeout_s,
+        max_connections=settings.provider_max_connections,
+    )
+    _providers.update({"openai": openai, "openai_compatible": openai, "anthropic": anthropic})
     return JobRunner(
         sessions=make_sessionmaker(engine),
-        deployment=load_deployment(settings.catalog_file, settings.routing_defaults_file),
+        deployment=deployment,
         providers=dict(_providers),
         credentials=CredentialResolver(settings),
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
         attempt_deadline_s=settings.attempt_deadline_s,
+        on_finished=CompletionNotifier(settings),
     )
 
 

@@ -350,6 +350,8 @@ def _prompt_tokens(payload: Json) -> int:
 
 def _content(payload: Json, digest: bytes, directive: Directive | None
              ) -> tuple[list[Json], int, str]:
+    if directive is not None and directive.echo:
+        return [{"type": "text", "text": orjson.dumps(payload).decode()}], 1, "end_turn"
     tools = _tools_to_call(payload)
     if tools:
         blocks = [_tool_use(tool, digest, n) for n, tool in enumerate(tools)]
@@ -388,7 +390,7 @@ def _tool_use(tool: Json, digest: bytes, number: int) -> Json:
 def value_for_schema(schema: Json, text: str) -> Any:
     """A value of the schema's type: objects fill every property, strings take ``text``."""
     kind = schema.get("type")
-    if "enum" in schema and schema["enum"]:
+    if schema.get("enum"):
         return schema["enum"][0]
     if kind == "object":
         props = schema.get("properties") or {}

@@ -23,6 +23,8 @@ object follows the colon directly; every field is optional:
 - ``cached_tokens`` (int): reported in ``prompt_tokens_details`` (at most the prompt tokens).
 - ``completion_tokens`` (int): forces the completion size (still capped by ``max_tokens``).
 - ``cache_write_tokens`` (int): Anthropic only, reported as ``cache_creation_input_tokens``.
+- ``echo`` (bool): Anthropic only; the answer's text is the request body as received, so
+  tests can see what a translation sent.
 
 ``POST /v1/messages`` speaks Anthropic's Messages API; see :mod:`workers.fake_anthropic`.
 
@@ -181,6 +183,7 @@ class Directive:
     cached_tokens: int | None = None
     completion_tokens: int | None = None
     cache_write_tokens: int | None = None
+    echo: bool = False
 
 
 def find_directive(texts: Iterable[str]) -> Directive | None:
@@ -210,6 +213,7 @@ def _parse_directive(text: str, offset: int) -> Directive:
         cached_tokens=_optional_count(fields, "cached_tokens"),
         completion_tokens=_optional_count(fields, "completion_tokens"),
         cache_write_tokens=_optional_count(fields, "cache_write_tokens"),
+        echo=_flag(fields, "echo"),
     )
 
 

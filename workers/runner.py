@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -54,6 +55,7 @@ class JobRunner:
         credentials: CredentialResolver,
         worker_name: str,
         attempt_deadline_s: float,
+        on_finished: Callable[[str], None] | None = None,
     ):
         self._sessions = sessions
         self._deployment = deployment
@@ -61,6 +63,8 @@ class JobRunner:
         self._credentials = credentials
         self._worker = worker_name
         self._deadline_s = attempt_deadline_s
+        # Told each job id that reached a final state, so synchronous callers wake up.
+        self._on_finished = on_finished or (lambda job_id: None)
 
     def run(self, job_id: str) -> None:
         job = self._claim(job_id)
@@ -76,8 +80,9 @@ class JobRunner:
             response = self._call(job)
         except ProviderError as exc:
             self._fail(job, exc, (time.perf_counter() - started) * 1000)
-            return
-        self._succeed(job, response, (time.perf_counter() - started) * 1000)
+        else:
+            self._succeed(job, response, (time.perf_counter() - started) * 1000)
+        self._on_finished(job.id)
 
     def _claim(self, job_id: str) -> ClaimedJob | None:
         now = utcnow()

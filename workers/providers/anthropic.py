@@ -14,8 +14,12 @@ import httpx
 import orjson
 
 from broker.catalog import Catalog
-from workers.errors import PermanentProviderError, ProviderError, RetryableProviderError
-from workers.errors import classify_status
+from workers.errors import (
+    PermanentProviderError,
+    ProviderError,
+    RetryableProviderError,
+    classify_status,
+)
 from workers.providers import anthropic_translate as translate
 from workers.providers.base import CallKind, Credential, ProviderResponse, TokenUsage
 from workers.providers.openai_compat import retry_after_s
