@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import psycopg
 
 from broker.devstack import LocalStack, free_port, wait_http
@@ -42,6 +43,8 @@ LITELLM_PACKAGES = ("litellm[proxy]==1.108.7", "httptools", "opentelemetry-sdk")
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/14"
 SERVICE_KEY = "bench-service-key-0123456789abcdef"
+# Both sides authenticate every call: LiteLLM against its master key, the broker its service key.
+LITELLM_MASTER_KEY = f"sk-bench-{secrets.token_hex(16)}"
 LEVELS = (1, 16, 64)
 TARGETS = ("direct", "broker", "litellm")
 MODEL = "gpt-4.1-mini"
@@ -108,8 +111,9 @@ def start_litellm(stack: LocalStack, workdir: Path) -> str:
     log_file = open(stack.log_dir / "litellm.log", "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [str(ensure_litellm()), "--config", str(config), "--port", str(port),
-         "--num_workers", "1"], env={**env, "LITELLM_LOG": "ERROR"}, stdout=log_file,
-        stderr=subprocess.STDOUT, start_new_session=True,
+         "--num_workers", "1"],
+        env={**env, "LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": LITELLM_MASTER_KEY},
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )
     log_file.close()
     stack.procs["litellm"] = proc
@@ -145,6 +149,12 @@ def _percentile(out: str, label: str) -> float:
     if match is None:
         raise RuntimeError(f"wrk printed no {label} latency:\n{out}")
     return float(match.group(1)) * WRK_UNITS_MS[match.group(2)]
+
+
+def prime(url: str, headers: dict[str, str]) -> None:
+    """One call that may wait for a worker to boot, so no measured run does."""
+    response = httpx.post(url, json=CHAT_BODY, headers=headers, timeout=180)
+    response.raise_for_status()
 
 
 def measure(urls: dict[str, str], scripts: dict[str, Path], *, seconds: float,
@@ -191,7 +201,7 @@ def report(table: dict[tuple[str, int], dict[str, float]], *, seconds: float, re
                                                                                    callers)]
         rows.append(
             f"| {callers} | {d['rps']:.0f} | {b['rps']:.0f} | {lt['rps']:.0f} | "
-            f"{b['rps'] / lt['rps']:.2f}x | {b['p50_overhead_ms']:.1f} / "
+            f"{b['rps'] / max(lt['rps'], 0.01):.2f}x | {b['p50_overhead_ms']:.1f} / "
             f"{b['p99_overhead_ms']:.1f} | {lt['p50_overhead_ms']:.1f} / "
             f"{lt['p99_overhead_ms']:.1f} | {int(b['errors'])} / {int(lt['errors'])} |")
         met = (b["p50_overhead_ms"] < lt["p50_overhead_ms"] / 2
@@ -213,7 +223,8 @@ def report(table: dict[tuple[str, int], dict[str, float]], *, seconds: float, re
         "event, attempt and job row written per call); capability `grounding_tier0` routed to "
         f"`{MODEL}`.",
         "- LiteLLM proxy 1.108.7 (`litellm[proxy]` + httptools + opentelemetry-sdk, its own "
-        "venv), `--num_workers 1`, no database, no cache.",
+        "venv), `--num_workers 1`, no database, no cache, master key set (it refuses to start "
+        "without one).",
         "- Load: `wrk -t1 -cN`, one run per target and level, interleaved, each "
         f"{seconds:g} s; medians of {repeats} repetitions. Overhead = the target's latency "
         "percentile minus the direct-to-upstream percentile of the same repetition.",
@@ -254,14 +265,15 @@ def main() -> None:
             urls = {"direct": f"{stack.upstream_url}/v1/chat/completions",
                     "broker": f"{stack.api_url}/v1/chat/completions",
                     "litellm": f"{litellm_url}/v1/chat/completions"}
-            scripts = {
-                "direct": wrk_script(work / "direct.lua",
-                                     {"Authorization": f"Bearer {stack.upstream_key}"}),
-                "broker": wrk_script(work / "broker.lua", {
-                    "Authorization": f"Bearer {SERVICE_KEY}", "X-Molar-Org-Id": "org_bench",
-                    "X-Molar-Capability": "grounding_tier0"}),
-                "litellm": wrk_script(work / "litellm.lua", {"Authorization": "Bearer none"}),
+            headers = {
+                "direct": {"Authorization": f"Bearer {stack.upstream_key}"},
+                "broker": {"Authorization": f"Bearer {SERVICE_KEY}",
+                           "X-Molar-Org-Id": "org_bench", "X-Molar-Capability": "grounding_tier0"},
+                "litellm": {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"},
             }
+            for target in TARGETS:
+                prime(urls[target], headers[target])
+            scripts = {t: wrk_script(work / f"{t}.lua", headers[t]) for t in TARGETS}
             samples = measure(urls, scripts, seconds=args.seconds, repeats=args.repeats)
     table = summarise(samples)
     text = report(table, seconds=args.seconds, repeats=args.repeats,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 import redis
@@ -33,6 +34,9 @@ SQL_POLL_INTERVAL_S = 0.005
 #: How often a waiter re-reads its job even without an announcement.
 RECHECK_INTERVAL_S = 2.0
 RECONNECT_DELAY_S = 0.5
+#: Finished job ids remembered by the listener, so a waiter that registers after the
+#: announcement still wakes at once without asking SQL first.
+RECENT_DONE_MAX = 20_000
 
 
 def done_channel(settings: Settings) -> str | None:
@@ -77,6 +81,7 @@ class CompletionWaiter:
         self._sessions = sessions
         self._channel = done_channel(settings)
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
+        self._recent_done: OrderedDict[str, None] = OrderedDict()
         self._someone_waits = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -94,18 +99,23 @@ class CompletionWaiter:
         """The job once it is final; raises :class:`WaitTimedOut` after ``timeout_s``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        # Without announcements (SQL fallback) the first look is at SQL; with them, an
+        # announcement seen before this registration is in the recent set.
+        check_sql = self._channel is None
         while True:
             future = self._register(job_id)
             try:
-                # Read after registering, so an announcement cannot slip in between.
-                job = await asyncio.to_thread(self._load, job_id)
-                if job is not None and job.status in TERMINAL:
-                    return job
+                if check_sql or job_id in self._recent_done:
+                    job = await asyncio.to_thread(self._load, job_id)
+                    if job is not None and job.status in TERMINAL:
+                        return job
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise WaitTimedOut(job_id)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(future, min(remaining, RECHECK_INTERVAL_S))
+                # Woken or not, read the record: a wake-up may be spurious, an announcement lost.
+                check_sql = True
             finally:
                 self._unregister(job_id, future)
 
@@ -158,7 +168,13 @@ class CompletionWaiter:
             async for message in pubsub.listen():
                 data = message.get("data")
                 if isinstance(data, bytes):
-                    self._wake(data.decode())
+                    self._announced(data.decode())
+
+    def _announced(self, job_id: str) -> None:
+        self._recent_done[job_id] = None
+        if len(self._recent_done) > RECENT_DONE_MAX:
+            self._recent_done.popitem(last=False)
+        self._wake(job_id)
 
     async def _poll_sql(self) -> None:
         while True:
