@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import statistics
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +21,7 @@ import orjson
 import pytest
 from sqlalchemy import select
 
+from broker.completion_wait import RECHECK_INTERVAL_S
 from broker.devstack import LocalStack
 from broker.models import UsageEvent
 from tests.conftest import SERVICE_KEY, api, stack_db, wait_job
@@ -316,3 +319,33 @@ def test_the_embedded_default_answers_through_its_sql_fallback(make_stack: Any) 
         vectors = client.embeddings.create(model="embeddings", input="hello")
     assert completion.choices[0].message.content
     assert vectors.data[0].embedding
+
+
+def test_the_wait_is_woken_by_the_announcement_not_by_the_periodic_recheck(
+        client: openai.OpenAI) -> None:
+    # Without the announcement a Redis-backed wait would first look again after
+    # RECHECK_INTERVAL_S (2 s); a median well below it shows the worker's announcement woke it.
+    durations_s = []
+    for index in range(5):
+        started = time.perf_counter()
+        client.chat.completions.create(model="grounding_tier0",
+                                       messages=[{"role": "user", "content": f"ping {index}"}])
+        durations_s.append(time.perf_counter() - started)
+    assert statistics.median(durations_s) < RECHECK_INTERVAL_S * 0.75
+
+
+@pytest.mark.parametrize(("headers", "param"), [
+    pytest.param({"X-Molar-Model-Routing": "not json"}, "X-Molar-Model-Routing",
+                 id="routing-not-json"),
+    pytest.param({"X-Molar-Model-Routing": '{"planner": {"provider_integration_id": '
+                  '"molar-managed", "model": "gpt-9"}}'}, "X-Molar-Model-Routing.planner.model",
+                 id="routing-unknown-model"),
+    pytest.param({"X-Molar-Capability": "planer"}, "X-Molar-Capability", id="unknown-capability"),
+    pytest.param({"X-Molar-Run-Id": "r" * 129}, "X-Molar-Run-Id", id="run-id-too-long"),
+])
+def test_bad_molar_headers_are_400s_naming_the_header(
+        stack: LocalStack, headers: dict[str, str], param: str) -> None:
+    with sdk(stack, **headers) as client, pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="planner",
+                                       messages=[{"role": "user", "content": "x"}])
+    assert caught.value.param == param

@@ -79,6 +79,14 @@ def pick_capability(header: str | None, model: object, *, embeddings: bool) -> s
     return capability
 
 
+def submission(capability: str, body: dict[str, Any], routing_header: str | None,
+               run_id: str | None) -> JobSubmission:
+    if run_id is not None and not 1 <= len(run_id) <= 128:
+        raise InvalidRequest("X-Molar-Run-Id must be 1-128 characters", param="X-Molar-Run-Id")
+    return JobSubmission(capability=capability, request=body, run_id=run_id,
+                         model_routing=parse_routing_header(routing_header))
+
+
 def parse_routing_header(value: str | None) -> dict[str, Any] | None:
     if not value:
         return None

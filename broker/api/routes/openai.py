@@ -40,9 +40,7 @@ async def chat_completions(
 ) -> Response:
     body = await _json_body(request)
     capability = wire.pick_capability(x_molar_capability, body.get("model"), embeddings=False)
-    routing = wire.parse_routing_header(x_molar_model_routing)
-    submission = JobSubmission(capability=capability, request=body, model_routing=routing,
-                               run_id=x_molar_run_id)
+    submission = wire.submission(capability, body, x_molar_model_routing, x_molar_run_id)
     route = await run_in_threadpool(wire.preflight, state, principal.org_id, submission)
     return await _run(request, state, principal.org_id, submission, route.model,
                       stream=body.get("stream") is True, timeout_header=x_molar_timeout_s)
@@ -56,9 +54,7 @@ async def embeddings(
 ) -> Response:
     body = await _json_body(request)
     capability = wire.pick_capability(x_molar_capability, body.get("model"), embeddings=True)
-    routing = wire.parse_routing_header(x_molar_model_routing)
-    submission = JobSubmission(capability=capability, request=body, model_routing=routing,
-                               run_id=x_molar_run_id)
+    submission = wire.submission(capability, body, x_molar_model_routing, x_molar_run_id)
     route = await run_in_threadpool(wire.preflight, state, principal.org_id, submission)
     return await _run(request, state, principal.org_id, submission, route.model, stream=False,
                       timeout_header=x_molar_timeout_s)
