@@ -54,13 +54,18 @@ class JobService:
 
     # -- submission ---------------------------------------------------------------------
 
-    def submit_job(self, org_id: str, body: JobSubmission) -> dict[str, Any]:
+    def submit_job(
+        self, org_id: str, body: JobSubmission, *, route: Route | None = None
+    ) -> dict[str, Any]:
+        """``route``, when the caller already resolved it for this submission, is reused."""
         check_capability(body.capability, param="capability")
         check_request(body.capability, body.request, param="request")
         routing = validate_routing(
             body.model_routing, self._deployment.catalog, param="model_routing"
         )
-        routes = self._routes(org_id, {body.capability}, routing)
+        routes = {body.capability: route} if route else self._routes(
+            org_id, {body.capability}, routing
+        )
         job = Job(
             id=new_id("job"), org_id=org_id, capability=body.capability, status="queued",
             request=body.request, route=routes[body.capability].to_dict(), meta=body.metadata,

@@ -9,6 +9,7 @@ the ``X-Molar-Model-Routing`` header. Every answer carries the job id in ``X-Mol
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any
 
 import orjson
@@ -21,6 +22,7 @@ from broker.api.auth import CurrentPrincipal, State
 from broker.api.responses import JSON
 from broker.completion_wait import CompletionWaiter, WaitTimedOut
 from broker.errors import InvalidRequest
+from broker.routing import Route
 from broker.schemas import JobSubmission
 
 router = APIRouter(tags=["openai"])
@@ -42,7 +44,7 @@ async def chat_completions(
     capability = wire.pick_capability(x_molar_capability, body.get("model"), embeddings=False)
     submission = wire.submission(capability, body, x_molar_model_routing, x_molar_run_id)
     route = await run_in_threadpool(wire.preflight, state, principal.org_id, submission)
-    return await _run(request, state, principal.org_id, submission, route.model,
+    return await _run(request, state, principal.org_id, submission, route,
                       stream=body.get("stream") is True, timeout_header=x_molar_timeout_s)
 
 
@@ -56,7 +58,7 @@ async def embeddings(
     capability = wire.pick_capability(x_molar_capability, body.get("model"), embeddings=True)
     submission = wire.submission(capability, body, x_molar_model_routing, x_molar_run_id)
     route = await run_in_threadpool(wire.preflight, state, principal.org_id, submission)
-    return await _run(request, state, principal.org_id, submission, route.model, stream=False,
+    return await _run(request, state, principal.org_id, submission, route, stream=False,
                       timeout_header=x_molar_timeout_s)
 
 
@@ -73,11 +75,12 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 async def _run(request: Request, state: State, org_id: str, submission: JobSubmission,
-               model: str, *, stream: bool, timeout_header: str | None) -> Response:
+               route: Route, *, stream: bool, timeout_header: str | None) -> Response:
     timeout_s = wire.wait_timeout_s(timeout_header, state.settings.task_time_limit_s)
-    view = await run_in_threadpool(state.jobs.submit_job, org_id, submission)
+    view = await run_in_threadpool(
+        functools.partial(state.jobs.submit_job, org_id, submission, route=route))
     headers = {"X-Molar-Job-Id": view["id"], "X-Molar-Capability": submission.capability,
-               "X-Molar-Model": model}
+               "X-Molar-Model": route.model}
     waiter: CompletionWaiter = request.app.state.completions
     try:
         job = await waiter.wait(view["id"], timeout_s)
