@@ -15,6 +15,8 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -69,6 +71,16 @@ class CompletionNotifier:
             self._redis.close()
 
 
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a waiting request needs of its job: not the stored request, which may be large."""
+
+    id: str
+    status: str
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+
 class WaitTimedOut(Exception):
     """The job did not finish within the wait; it goes on and can be polled."""
 
@@ -95,7 +107,7 @@ class CompletionWaiter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def wait(self, job_id: str, timeout_s: float) -> Job:
+    async def wait(self, job_id: str, timeout_s: float) -> JobOutcome:
         """The job once it is final; raises :class:`WaitTimedOut` after ``timeout_s``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -143,9 +155,12 @@ class CompletionWaiter:
         for job_id in list(self._waiting):
             self._wake(job_id)
 
-    def _load(self, job_id: str) -> Job | None:
+    def _load(self, job_id: str) -> JobOutcome | None:
         with self._sessions() as session:
-            return session.get(Job, job_id)
+            row = session.execute(
+                select(Job.status, Job.result, Job.error).where(Job.id == job_id)
+            ).one_or_none()
+        return None if row is None else JobOutcome(job_id, row.status, row.result, row.error)
 
     async def _listen_redis(self) -> None:
         assert self._channel is not None

@@ -17,9 +17,9 @@ from broker.api.responses import JSON
 from broker.api.state import AppState
 from broker.capabilities import CAPABILITIES, EMBEDDING_CAPABILITIES, unknown_capability_message
 from broker.catalog import Catalog
+from broker.completion_wait import JobOutcome
 from broker.errors import InvalidRequest
 from broker.metering import estimate_input_tokens
-from broker.models import Job
 from broker.routing import Route, resolve_routes, validate_routing
 from broker.schemas import JobSubmission
 from broker.validation import check_request
@@ -157,7 +157,7 @@ def still_running(job_id: str, timeout_s: float, headers: dict[str, str]) -> JSO
     return response
 
 
-def job_error(job: Job, headers: dict[str, str]) -> JSON:
+def job_error(job: JobOutcome, headers: dict[str, str]) -> JSON:
     if job.status == "cancelled":
         response = error_response(409, f"job {job.id} was cancelled before it finished",
                                   type_="conflict_error", code="job_cancelled")
