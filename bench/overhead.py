@@ -61,6 +61,7 @@ class Sample:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_ms_per_request: float
 
 
 def ensure_litellm() -> Path:
@@ -151,24 +152,55 @@ def _percentile(out: str, label: str) -> float:
     return float(match.group(1)) * WRK_UNITS_MS[match.group(2)]
 
 
+def process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def cpu_s(roots: list[int]) -> float:
+    """User plus system CPU seconds of the process trees under ``roots``."""
+    total = 0
+    for pid in (p for root in roots for p in process_tree(root)):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def prime(url: str, headers: dict[str, str]) -> None:
     """One call that may wait for a worker to boot, so no measured run does."""
     response = httpx.post(url, json=CHAT_BODY, headers=headers, timeout=180)
     response.raise_for_status()
 
 
-def measure(urls: dict[str, str], scripts: dict[str, Path], *, seconds: float,
-            repeats: int) -> list[Sample]:
+def measure(urls: dict[str, str], scripts: dict[str, Path], pids: dict[str, list[int]], *,
+            seconds: float, repeats: int) -> list[Sample]:
     samples: list[Sample] = []
     for target in TARGETS:  # warm pools, caches and JITs before anything is recorded
         run_wrk(urls[target], scripts[target], 16, 3)
     for repeat in range(repeats):
         for callers in LEVELS:
             for target in TARGETS:
+                before_s = cpu_s(pids[target])
                 rps, p50, p99, errors = run_wrk(urls[target], scripts[target], callers, seconds)
-                samples.append(Sample(target, callers, rps, p50, p99, errors))
-                log.info("run %d %s c=%d rps=%.1f p50=%.2fms p99=%.2fms errors=%d",
-                         repeat + 1, target, callers, rps, p50, p99, errors)
+                cpu_ms = (cpu_s(pids[target]) - before_s) * 1000 / max(rps * seconds, 1)
+                samples.append(Sample(target, callers, rps, p50, p99, errors, cpu_ms))
+                log.info("run %d %s c=%d rps=%.1f p50=%.2fms p99=%.2fms errors=%d cpu=%.1fms",
+                         repeat + 1, target, callers, rps, p50, p99, errors, cpu_ms)
     return samples
 
 
@@ -188,6 +220,7 @@ def summarise(samples: list[Sample]) -> dict[tuple[str, int], dict[str, float]]:
                 "p99_overhead_ms": statistics.median(
                     s.p99_ms - d.p99_ms for s, d in zip(runs, direct, strict=True)),
                 "errors": sum(s.errors for s in runs),
+                "cpu_ms": statistics.median(s.cpu_ms_per_request for s in runs),
             }
     return table
 
@@ -203,7 +236,8 @@ def report(table: dict[tuple[str, int], dict[str, float]], *, seconds: float, re
             f"| {callers} | {d['rps']:.0f} | {b['rps']:.0f} | {lt['rps']:.0f} | "
             f"{b['rps'] / max(lt['rps'], 0.01):.2f}x | {b['p50_overhead_ms']:.1f} / "
             f"{b['p99_overhead_ms']:.1f} | {lt['p50_overhead_ms']:.1f} / "
-            f"{lt['p99_overhead_ms']:.1f} | {int(b['errors'])} / {int(lt['errors'])} |")
+            f"{lt['p99_overhead_ms']:.1f} | {b['cpu_ms']:.1f} / {lt['cpu_ms']:.1f} | "
+            f"{int(b['errors'])} / {int(lt['errors'])} |")
         met = (b["p50_overhead_ms"] < lt["p50_overhead_ms"] / 2
                and b["p99_overhead_ms"] < lt["p99_overhead_ms"] / 2
                and b["rps"] >= 2 * lt["rps"])
@@ -228,13 +262,15 @@ def report(table: dict[tuple[str, int], dict[str, float]], *, seconds: float, re
         "- Load: `wrk -t1 -cN`, one run per target and level, interleaved, each "
         f"{seconds:g} s; medians of {repeats} repetitions. Overhead = the target's latency "
         "percentile minus the direct-to-upstream percentile of the same repetition.",
+        "- CPU ms per request: user + system CPU of the target's processes (broker: API and "
+        "worker; not PostgreSQL or Redis) during its runs, divided by the requests served.",
         "- The machine has 2 cores shared with other work: absolute figures move between runs; "
         "compare the columns of one run.",
         "",
         "| callers | direct rps | broker rps | LiteLLM rps | broker / LiteLLM | "
-        "broker overhead p50 / p99 ms | LiteLLM overhead p50 / p99 ms | errors broker / "
-        "LiteLLM |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "broker overhead p50 / p99 ms | LiteLLM overhead p50 / p99 ms | CPU ms per request "
+        "broker / LiteLLM | errors broker / LiteLLM |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
         "Target (p50 and p99 overhead under half of LiteLLM's, rps at least twice LiteLLM's):",
@@ -274,7 +310,10 @@ def main() -> None:
             for target in TARGETS:
                 prime(urls[target], headers[target])
             scripts = {t: wrk_script(work / f"{t}.lua", headers[t]) for t in TARGETS}
-            samples = measure(urls, scripts, seconds=args.seconds, repeats=args.repeats)
+            pids = {"direct": [stack.procs["fake-upstream"].pid],
+                    "broker": [stack.procs["api"].pid, stack.procs["worker"].pid],
+                    "litellm": [stack.procs["litellm"].pid]}
+            samples = measure(urls, scripts, pids, seconds=args.seconds, repeats=args.repeats)
     table = summarise(samples)
     text = report(table, seconds=args.seconds, repeats=args.repeats,
                   worker_threads=args.worker_threads)
