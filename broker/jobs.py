@@ -58,14 +58,18 @@ class JobService:
     # -- submission ---------------------------------------------------------------------
 
     def submit_job(
-        self, org_id: str, body: JobSubmission, *, record: Recorder | None = None
+        self, org_id: str, body: JobSubmission, *, record: Recorder | None = None,
+        route: Route | None = None,
     ) -> dict[str, Any]:
+        """``route``, when the caller already resolved it for this submission, is reused."""
         check_capability(body.capability, param="capability")
         check_request(body.capability, body.request, param="request")
         routing = validate_routing(
             body.model_routing, self._deployment.catalog, param="model_routing"
         )
-        routes = self._routes(org_id, {body.capability}, routing)
+        routes = {body.capability: route} if route else self._routes(
+            org_id, {body.capability}, routing
+        )
         job = Job(
             id=new_id("job"), org_id=org_id, capability=body.capability, status="queued",
             request=body.request, route=routes[body.capability].to_dict(), meta=body.metadata,
@@ -76,10 +80,10 @@ class JobService:
                 record(session, job.id)
             session.add(job)
         self._publish_or_undo([(job.id, job.capability)], job_ids=[job.id], batch_id=None)
-        route = f"{job.route['provider_integration_id']}/{job.route['model']}"
+        shown = f"{job.route['provider_integration_id']}/{job.route['model']}"
         log.info("job %s queued org=%s capability=%s route=%s", job.id, org_id, job.capability,
-                 route, extra={"job_id": job.id, "org_id": org_id, "capability": job.capability,
-                               "attempt": 0, "route": route, "job_status": "queued"})
+                 shown, extra={"job_id": job.id, "org_id": org_id, "capability": job.capability,
+                               "attempt": 0, "route": shown, "job_status": "queued"})
         return job_view(job)
 
     def submit_batch(

@@ -8,6 +8,7 @@ from typing import Any
 from broker.db import as_utc
 from broker.models import Batch, Job
 
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 COUNT_KEYS = ("queued", "running", "succeeded", "failed", "cancelled")
 # Statuses folded into a request_counts bucket; the buckets always add up to total.
 COUNT_BUCKET = {"retrying": "queued", "queued": "queued", "running": "running",

@@ -13,6 +13,7 @@ from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from broker.capabilities import CAPABILITIES
+from broker.completion_wait import CompletionNotifier
 from broker.crypto import CredentialCipher
 from broker.db import make_engine, make_sessionmaker
 from broker.integrations import IntegrationService
@@ -23,6 +24,7 @@ from tasks.app import task_name
 from tasks.retry_policy import RetryPolicies
 from tasks.scheduler import Scheduler
 from workers.credentials import CredentialResolver, store_lookup
+from workers.providers.anthropic import AnthropicProvider
 from workers.providers.base import Provider
 from workers.providers.openai_compat import OpenAICompatibleProvider
 from workers.runner import JobRunner
@@ -52,18 +54,26 @@ def _build_runner() -> JobRunner:
         read_timeout_s=settings.provider_read_timeout_s,
         max_connections=settings.provider_max_connections,
     )
-    _providers.update({"openai": openai, "openai_compatible": openai})
+    deployment = load_deployment(settings.catalog_file, settings.routing_defaults_file)
+    anthropic = AnthropicProvider(
+        catalog=deployment.catalog,
+        connect_timeout_s=settings.provider_connect_timeout_s,
+        read_timeout_s=settings.provider_read_timeout_s,
+        max_connections=settings.provider_max_connections,
+    )
+    _providers.update({"openai": openai, "openai_compatible": openai, "anthropic": anthropic})
     sessions = make_sessionmaker(engine)
     cipher = CredentialCipher(settings.encryption_keys.get_secret_value())
     store = IntegrationService(sessions, cipher)
     return JobRunner(
         sessions=sessions,
-        deployment=load_deployment(settings.catalog_file, settings.routing_defaults_file),
+        deployment=deployment,
         providers=dict(_providers),
         credentials=CredentialResolver(settings, byok_lookup=store_lookup(store)),
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
         policies=RetryPolicies.from_settings(settings),
         lease_margin_s=settings.lease_margin_s,
+        on_finished=CompletionNotifier(settings),
     )
 
 

@@ -127,7 +127,8 @@ def test_routing_precedence_submission_over_org_over_default(stack, level):
         table = client.get("/v1/routing").json()["routes"]
         job = wait_job(client, client.post("/v1/jobs", json=body).json()["id"])
 
-    expected = {"default": "gpt-4.1-mini", "org": "gpt-4.1", "submission": "gpt-4o-mini"}[level]
+    expected = {"default": "claude-sonnet-4-5", "org": "gpt-4.1",
+                "submission": "gpt-4o-mini"}[level]
     assert job["status"] == "succeeded"
     assert job["route"]["model"] == expected
     assert job["route"]["source"] == level

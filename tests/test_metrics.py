@@ -38,13 +38,11 @@ def directive(**fields: object) -> str:
     return "<<fake:" + orjson.dumps(fields).decode() + ">>"
 
 
-def planner_job(latency_ms: int, *, fail: bool = False, model: str | None = None) -> dict:
+def planner_job(latency_ms: int, *, fail: bool = False, model: str = "gpt-4.1-mini") -> dict:
     step = {"latency_ms": latency_ms, **({"fail": [{"status": 400}]} if fail else {})}
-    body: dict = {"capability": "planner", "request": chat(f"plan {directive(**step)}")}
-    if model:
-        body["model_routing"] = {"planner": {"provider_integration_id": "molar-managed",
-                                             "model": model}}
-    return body
+    return {"capability": "planner", "request": chat(f"plan {directive(**step)}"),
+            "model_routing": {"planner": {"provider_integration_id": "molar-managed",
+                                          "model": model}}}
 
 
 # What the workload is, and what it must add up to.

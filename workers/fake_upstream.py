@@ -22,6 +22,11 @@ object follows the colon directly; every field is optional:
 - ``no_usage`` (bool): leave ``usage`` out of the answer.
 - ``cached_tokens`` (int): reported in ``prompt_tokens_details`` (at most the prompt tokens).
 - ``completion_tokens`` (int): forces the completion size (still capped by ``max_tokens``).
+- ``cache_write_tokens`` (int): Anthropic only, reported as ``cache_creation_input_tokens``.
+- ``echo`` (bool): Anthropic only; the answer's text is the request body as received, so
+  tests can see what a translation sent.
+
+``POST /v1/messages`` speaks Anthropic's Messages API; see :mod:`workers.fake_anthropic`.
 
 Scenario counters count only calls that passed the key check and validation.
 ``DELETE /_control/calls`` clears the call log and the scenario counters.
@@ -177,6 +182,8 @@ class Directive:
     no_usage: bool = False
     cached_tokens: int | None = None
     completion_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    echo: bool = False
 
 
 def find_directive(texts: Iterable[str]) -> Directive | None:
@@ -205,6 +212,8 @@ def _parse_directive(text: str, offset: int) -> Directive:
         no_usage=_flag(fields, "no_usage"),
         cached_tokens=_optional_count(fields, "cached_tokens"),
         completion_tokens=_optional_count(fields, "completion_tokens"),
+        cache_write_tokens=_optional_count(fields, "cache_write_tokens"),
+        echo=_flag(fields, "echo"),
     )
 
 
@@ -882,10 +891,12 @@ _Build = Callable[[Json, Directive | None], _Answer]
 
 @dataclass(frozen=True)
 class _Endpoint:
-    """An OpenAI endpoint: where its directive may hide and how it answers."""
+    """An API endpoint: where its directive may hide, how it answers, whose key it reads."""
 
     texts: _Texts
     build: _Build
+    key_of: Callable[[Request], str | None] = field(default=lambda r: _bearer_key(r))
+    render_error: Callable[[_ApiError], Response] = field(default=lambda e: e.to_response())
 
 
 @dataclass(frozen=True)
@@ -916,12 +927,12 @@ def _bearer_key(request: Request) -> str | None:
 
 
 async def _handle(state: UpstreamState, endpoint: _Endpoint, request: Request) -> Response:
-    call = _Call(path=request.url.path, key=_bearer_key(request), at=time.time())
+    call = _Call(path=request.url.path, key=endpoint.key_of(request), at=time.time())
     try:
         response = await _respond(state, endpoint, request, call)
     except _ApiError as error:
         call.outcome = "error"
-        response = error.to_response()
+        response = endpoint.render_error(error)
     state.record(call, None if call.outcome == "hang" else response.status_code)
     return response
 
@@ -989,6 +1000,16 @@ async def _unknown_route(request: Request, exc: Exception) -> Response:
     return _ApiError(status, message, code="unknown_url").to_response()
 
 
+def _anthropic_endpoint() -> _Endpoint:
+    # Imported here: the Anthropic module builds on this one's directive and answer types.
+    from workers import fake_anthropic
+
+    return _Endpoint(
+        fake_anthropic.message_texts, fake_anthropic.build_message,
+        key_of=fake_anthropic.api_key_of, render_error=fake_anthropic.render_error,
+    )
+
+
 def create_app(*, api_keys: Iterable[str] = (), latency_ms: float = 0.0) -> Starlette:
     """Build the fake upstream; an empty key set accepts any caller."""
     if latency_ms < 0:
@@ -1002,6 +1023,7 @@ def create_app(*, api_keys: Iterable[str] = (), latency_ms: float = 0.0) -> Star
         _api_route("/v1/chat/completions", "POST", state, chat),
         _api_route("/v1/embeddings", "POST", state, embeddings),
         _api_route("/v1/models", "GET", state, models),
+        _api_route("/v1/messages", "POST", state, _anthropic_endpoint()),
         *_control_routes(state),
     ]
     app = Starlette(routes=routes, exception_handlers={404: _unknown_route, 405: _unknown_route})

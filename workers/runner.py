@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -79,6 +80,7 @@ class JobRunner:
         policies: RetryPolicies,
         lease_margin_s: float,
         rng: random.Random | None = None,
+        on_finished: Callable[[str], None] | None = None,
     ):
         self._sessions = sessions
         # Every write goes through the group committer: under load, concurrent jobs share
@@ -93,6 +95,8 @@ class JobRunner:
         # hands the job to another worker.
         self._lease_s = policies.max_attempt_deadline_s + lease_margin_s
         self._rng = rng or random.Random()
+        # Told each job id whose state changed, so synchronous callers wake up and re-read.
+        self._on_finished = on_finished or (lambda job_id: None)
 
     def close(self) -> None:
         self._commits.close()
@@ -103,6 +107,12 @@ class JobRunner:
             self._log_dropped(job_id)
             return
         job, stored = claimed
+        try:
+            self._process(job, stored)
+        finally:
+            self._on_finished(job.id)
+
+    def _process(self, job: ClaimedJob, stored: StoredAnswer | None) -> None:
         if stored is not None:
             log.info("job %s finishing from the stored answer of attempt=%d (no provider call)",
                      job.id, stored.attempt)
