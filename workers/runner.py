@@ -17,9 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.capabilities import EMBEDDING_CAPABILITIES
 from broker.db import transaction, utcnow
-from broker.metering import estimate_input_tokens, estimate_output_tokens, meter
+from broker.errors import SpendCapExceeded
+from broker.metering import estimate_usage, meter
 from broker.models import Attempt, Job, UsageEvent
 from broker.routing import Deployment, Route
+from broker.spend import SpendLedger
 from broker.sqlutil import insert_ignoring_conflicts
 from workers.credentials import CredentialResolver
 from workers.errors import PermanentProviderError, ProviderError
@@ -61,6 +63,7 @@ class JobRunner:
         self._credentials = credentials
         self._worker = worker_name
         self._deadline_s = attempt_deadline_s
+        self._spend = SpendLedger(sessions, deployment.catalog)
 
     def run(self, job_id: str) -> None:
         job = self._claim(job_id)
@@ -73,6 +76,7 @@ class JobRunner:
                  job.route.model)
         started = time.perf_counter()
         try:
+            self._reserve(job)
             response = self._call(job)
         except ProviderError as exc:
             self._fail(job, exc, (time.perf_counter() - started) * 1000)
@@ -109,6 +113,13 @@ class JobRunner:
         return ClaimedJob(job_id, row.org_id, row.run_id, row.capability, row.request, route,
                           row.attempts)
 
+    def _reserve(self, job: ClaimedJob) -> None:
+        """Hold the hosted spend this call may cost; a refusal fails the job, uncalled."""
+        try:
+            self._spend.reserve(job)
+        except SpendCapExceeded as exc:
+            raise PermanentProviderError(exc.message, code="spend_cap_exceeded") from exc
+
     def _call(self, job: ClaimedJob) -> ProviderResponse:
         provider = self._providers.get(job.route.provider)
         if provider is None:
@@ -138,9 +149,7 @@ class JobRunner:
                           output_tokens=response.usage.output_tokens)
         else:
             # Until every provider reports usage, an estimate (flagged) beats a zero bill.
-            usage = meter(model, now, input_tokens=estimate_input_tokens(job.request),
-                          cached_input_tokens=0,
-                          output_tokens=estimate_output_tokens(response.body), estimated=True)
+            usage = estimate_usage(model, now, job.request, response.body)
         with transaction(self._sessions) as session:
             insert_ignoring_conflicts(session, UsageEvent.__table__, {  # type: ignore[arg-type]
                 "org_id": job.org_id, "run_id": job.run_id, "job_id": job.id,
@@ -155,6 +164,7 @@ class JobRunner:
             self._record_attempt(session, job, "succeeded", response.status, elapsed_ms, None)
             self._finish(session, job, status="succeeded", result=response.body,
                          usage=usage.to_dict(), error=None)
+            self._spend.settle(session, job, usage.cost_usd, now)
         log.info("job %s succeeded attempt=%d duration_ms=%.1f tokens_in=%d tokens_out=%d",
                  job.id, job.attempt, elapsed_ms, usage.input_tokens, usage.output_tokens)
 
@@ -163,6 +173,7 @@ class JobRunner:
             self._record_attempt(session, job, "failed", exc.status, elapsed_ms, exc.code)
             self._finish(session, job, status="failed", result=None, usage=None,
                          error=exc.to_error())
+            self._spend.release(session, job)
         log.warning("job %s failed attempt=%d duration_ms=%.1f code=%s status=%s", job.id,
                     job.attempt, elapsed_ms, exc.code, exc.status)
 

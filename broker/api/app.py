@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from broker import __version__
 from broker.api.errors import install_error_handlers
-from broker.api.routes import batches, health, jobs, orgs
+from broker.api.routes import batches, health, jobs, orgs, usage
 from broker.api.state import AppState
 from broker.migrate import ensure_embedded_schema
 from broker.settings import Settings, get_settings
@@ -31,6 +31,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="molar-llm-broker", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    for module in (health, jobs, batches, orgs):
+    for module in (health, jobs, batches, orgs, usage):
         app.include_router(module.router)
     return app

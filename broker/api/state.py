@@ -13,6 +13,8 @@ from broker.jobs import JobService
 from broker.orgs import OrgService
 from broker.routing import Deployment, load_deployment
 from broker.settings import Settings
+from broker.spend import SpendLedger
+from broker.usage import UsageService
 from tasks.app import create_celery_app
 
 
@@ -25,6 +27,8 @@ class AppState:
     celery: Celery
     orgs: OrgService
     jobs: JobService
+    spend: SpendLedger
+    usage: UsageService
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
@@ -33,10 +37,13 @@ class AppState:
         deployment = load_deployment(settings.catalog_file, settings.routing_defaults_file)
         celery = create_celery_app(settings)
         orgs = OrgService(sessions, deployment)
+        spend = SpendLedger(sessions, deployment.catalog)
         jobs = JobService(
-            sessions, deployment, celery, orgs, max_batch_items=settings.max_batch_items
+            sessions, deployment, celery, orgs, max_batch_items=settings.max_batch_items,
+            spend=spend,
         )
-        return cls(settings, engine, sessions, deployment, celery, orgs, jobs)
+        return cls(settings, engine, sessions, deployment, celery, orgs, jobs, spend,
+                   UsageService(sessions))
 
     def close(self) -> None:
         self.engine.dispose()
