@@ -270,8 +270,9 @@ def _rearm(session: Session, job: DispatchedJob, start: date, estimate_e10: int,
                SpendReservation.state == RELEASED)
         .values(state=RESERVED, period_start=start, estimate_usd_e10=estimate_e10,
                 finished_at=None, created_at=now)
+        .returning(SpendReservation.job_id)
     )
-    return bool(getattr(result, "rowcount", 0))
+    return result.first() is not None
 
 
 def _admit(session: Session, org_id: str, start: date, estimate_e10: int,
@@ -288,7 +289,7 @@ def _admit(session: Session, org_id: str, start: date, estimate_e10: int,
             SpendPeriod.spent_usd_e10 + SpendPeriod.reserved_usd_e10 + estimate_e10
             <= to_e10(cap, rounding=ROUND_HALF_UP)
         )
-    return bool(getattr(session.execute(stmt), "rowcount", 0))
+    return session.execute(stmt.returning(SpendPeriod.org_id)).first() is not None
 
 
 def _finish(session: Session, job: _Attempt, from_state: str, to_state: str, now: datetime,

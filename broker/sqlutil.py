@@ -27,5 +27,6 @@ def insert_ignoring_conflicts(
         )
     else:  # pragma: no cover - only the two dialects above are supported
         raise NotImplementedError(f"unsupported SQL dialect {dialect!r}")
-    result = session.execute(stmt)
-    return bool(getattr(result, "rowcount", 0))
+    # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING.
+    stmt = stmt.returning(*(table.c[name] for name in conflict_columns))
+    return session.execute(stmt).first() is not None
