@@ -42,9 +42,16 @@ class MeteredUsage:
             "input_tokens": self.input_tokens,
             "cached_input_tokens": self.cached_input_tokens,
             "output_tokens": self.output_tokens,
-            "cost_usd": format(self.cost_usd, "f"),
+            "cost_usd": money(self.cost_usd),
             "estimated": self.estimated,
         }
+
+
+def money(amount_usd: Decimal) -> str:
+    """A decimal string with at least two and at most ten decimal places."""
+    text = format(amount_usd.quantize(COST_QUANTUM_USD, ROUND_HALF_UP), "f")
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
 
 
 def meter(

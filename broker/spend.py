@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker.catalog import Catalog
 from broker.db import transaction, utcnow
 from broker.errors import SpendCapExceeded
-from broker.metering import cost_bound
+from broker.metering import cost_bound, money
 from broker.models import Job, OrgSettings, SpendPeriod, SpendReservation
 from broker.routing import Route
 from broker.sqlutil import insert_ignoring_conflicts
@@ -89,13 +89,6 @@ def to_e10(amount_usd: Decimal, *, rounding: str = ROUND_HALF_UP) -> int:
 
 def from_e10(amount_e10: int) -> Decimal:
     return Decimal(amount_e10) / E10
-
-
-def money(amount_usd: Decimal) -> str:
-    """A decimal string with at least two and at most ten decimal places."""
-    text = format(amount_usd.quantize(Decimal("1e-10"), ROUND_HALF_UP), "f")
-    whole, _, fraction = text.partition(".")
-    return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
 
 
 class SpendLedger:

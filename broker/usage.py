@@ -17,9 +17,9 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from broker.db import utcnow
 from broker.errors import InvalidRequest
-from broker.metering import METER_INPUT, METER_OUTPUT
+from broker.metering import METER_INPUT, METER_OUTPUT, money
 from broker.models import UsageEvent
-from broker.spend import from_e10, money, period_start
+from broker.spend import from_e10, period_start
 
 GROUPS = ("capability", "model", "integration", "billing", "day")
 E10 = 10**10

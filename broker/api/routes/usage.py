@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Query
 
 from broker.api.auth import CurrentPrincipal, Principal, State, check_org_path
 from broker.api.responses import JSON
-from broker.errors import PermissionDenied
-from broker.spend import SpendSnapshot, money, next_period_start
+from broker.errors import NotFound
+from broker.metering import money
+from broker.spend import SpendSnapshot, next_period_start
 from broker.usage import parse_query
 
 router = APIRouter(tags=["usage"])
@@ -35,9 +36,10 @@ def spend(org: OrgPath, principal: CurrentPrincipal, state: State) -> Any:
 
 
 def _may_read(principal: Principal, org: str) -> None:
-    # The service key may read any org; any other principal only its own.
+    # The service key may read any org; any other principal only its own, and another org
+    # looks absent rather than forbidden, so org ids cannot be probed.
     if not principal.is_service and principal.org_id != org:
-        raise PermissionDenied(f"this credential acts for org {principal.org_id!r}, not {org!r}")
+        raise NotFound(f"no org {org!r} for this credential", param="org")
 
 
 def spend_view(snap: SpendSnapshot) -> dict[str, Any]:
