@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -286,3 +287,101 @@ def test_another_orgs_spend_is_open_to_the_service_key_only(stack):
     assert response.status_code == 200
     assert response.json()["cap_usd"] is None and response.json()["remaining_usd"] is None
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "org"
+
+
+# -- the cap under concurrency ---------------------------------------------------------------------
+
+HOSTED_JOBS = 160
+BYOK_JOBS = 24
+CALL_LATENCY_MS = 4000  # long enough that 32 calls overlap on a busy machine
+CONCURRENT_CAP_USD = Decimal("0.03")
+BYOK_ID = "byok-capped"
+
+
+def store_byok_integration(client: httpx.Client, stack, org: str) -> bool:
+    """Store the org's own key for the fake upstream; False while no integration store exists.
+
+    FOR THE LEAD AT MERGE (issue 3): this posts the integration contract of issue 3. Until it
+    is merged the endpoint is absent, the worker has no BYOK lookup, and the BYOK jobs below
+    must end ``integration_not_found``: past the spend gate, which never holds them back.
+    """
+    key = f"byok-key-{secrets.token_hex(8)}"
+    httpx.post(f"{stack.upstream_url}/_control/keys", json={"keys": [key]}).raise_for_status()
+    response = client.post(f"/v1/orgs/{org}/integrations", json={
+        "id": BYOK_ID, "provider": "openai_compatible", "base_url": f"{stack.upstream_url}/v1",
+        "api_key": key})
+    if response.status_code == 404 and response.json()["error"]["message"] == "no such endpoint":
+        return False
+    assert response.status_code == 201, response.text
+    return True
+
+
+def max_in_flight(calls: list[dict[str, Any]], latency_s: float) -> int:
+    """Most calls the upstream held at once; each is held ``latency_s`` after it arrived."""
+    starts = sorted(call["at"] for call in calls)
+    return max((sum(1 for t in starts if s <= t < s + latency_s) for s in starts), default=0)
+
+
+def test_racing_jobs_never_overrun_the_cap_and_byok_work_goes_on(stack):
+    org = new_org("race")
+    hosted, byok = f"race-hosted-{secrets.token_hex(4)}", f"race-byok-{secrets.token_hex(4)}"
+    hosted_text = "map the settings page " + directive(
+        scenario=hosted, latency_ms=CALL_LATENCY_MS, completion_tokens=400)
+    items = [{"custom_id": f"hosted-{i:03d}", "capability": "planner",
+              "request": chat(hosted_text, max_tokens=400)} for i in range(HOSTED_JOBS)]
+    for i in range(BYOK_JOBS):  # spread through the batch, so both kinds run side by side
+        items.insert(i * 7, {"custom_id": f"byok-{i:03d}", "capability": "export_healer",
+                             "request": chat(directive(scenario=byok), max_tokens=50)})
+    routing = {"export_healer": {"provider_integration_id": BYOK_ID,
+                                 "model": "llama-3.1-8b-instruct"}}
+
+    with api(stack, org=org) as client:
+        set_cap(client, org, str(CONCURRENT_CAP_USD))
+        byok_stored = store_byok_integration(client, stack, org)
+        batch = client.post("/v1/batches", json={"items": items, "model_routing": routing})
+        assert batch.status_code == 202, batch.text
+        samples = watch_spend(client, org, batch.json()["id"])
+        lines = [orjson.loads(line) for line in
+                 client.get(f"/v1/batches/{batch.json()['id']}/results").text.splitlines()]
+        spend = client.get(f"/v1/orgs/{org}/spend").json()
+        usage = client.get("/v1/usage", params={"group_by": "billing"}).json()
+
+    # At no moment did spent plus held money pass the cap.
+    assert samples and all(spent + held <= CONCURRENT_CAP_USD for spent, held in samples)
+    hosted_lines = [line for line in lines if line["custom_id"].startswith("hosted-")]
+    succeeded = [line for line in hosted_lines if line["status"] == "succeeded"]
+    refused = [line for line in hosted_lines if line["status"] != "succeeded"]
+    calls = upstream_calls(stack, scenario=hosted)
+    assert len(calls) == len(succeeded) >= 32
+    assert max_in_flight(calls, CALL_LATENCY_MS / 1000) >= 32
+    assert refused and {line["status"] for line in refused} == {"failed"}
+    assert {line["error"]["code"] for line in refused} == {"spend_cap_exceeded"}
+
+    spent = Decimal(spend["spent_usd"])
+    assert spent <= CONCURRENT_CAP_USD and spend["reserved_usd"] == "0.00"
+    assert spent == sum((Decimal(line["usage"]["cost_usd"]) for line in succeeded), Decimal(0))
+    billed = {row["group"]["billing"]: row for row in usage["data"]}
+    assert Decimal(billed["hosted"]["cost_usd"]) == spent
+    assert billed["hosted"]["events"] == len(succeeded)
+
+    byok_lines = [line for line in lines if line["custom_id"].startswith("byok-")]
+    if byok_stored:
+        assert {line["status"] for line in byok_lines} == {"succeeded"}
+        assert len(upstream_calls(stack, scenario=byok)) == BYOK_JOBS
+        assert billed["byok"]["events"] == BYOK_JOBS
+    else:
+        assert {line["error"]["code"] for line in byok_lines} == {"integration_not_found"}
+
+
+def watch_spend(client: httpx.Client, org: str, batch_id: str,
+                timeout_s: float = 150) -> list[tuple[Decimal, Decimal]]:
+    """Sample (spent, reserved) until the batch completes."""
+    samples: list[tuple[Decimal, Decimal]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        spend = client.get(f"/v1/orgs/{org}/spend").json()
+        samples.append((Decimal(spend["spent_usd"]), Decimal(spend["reserved_usd"])))
+        if client.get(f"/v1/batches/{batch_id}").json()["status"] == "completed":
+            return samples
+        time.sleep(0.05)
+    raise AssertionError(f"batch {batch_id} not completed after {timeout_s}s")
