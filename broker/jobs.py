@@ -24,6 +24,7 @@ from broker.models import Batch, IdempotencyKey, Job
 from broker.orgs import OrgService
 from broker.routing import Deployment, Route, resolve_routes, validate_routing
 from broker.schemas import BatchSubmission, JobSubmission
+from broker.spend import SpendLedger
 from broker.validation import check_capability, check_request
 from broker.views import batch_view, bucket_counts, job_view, result_line
 from tasks.publish import publish_jobs
@@ -48,12 +49,14 @@ class JobService:
         orgs: OrgService,
         *,
         max_batch_items: int,
+        spend: SpendLedger | None = None,
     ):
         self._sessions = sessions
         self._deployment = deployment
         self._celery = celery_app
         self._orgs = orgs
         self._max_batch_items = max_batch_items
+        self._spend = spend or SpendLedger(sessions, deployment.catalog)
 
     # -- submission ---------------------------------------------------------------------
 
@@ -70,6 +73,7 @@ class JobService:
         routes = {body.capability: route} if route else self._routes(
             org_id, {body.capability}, routing
         )
+        self._spend.check_admission(org_id, routes.values())
         job = Job(
             id=new_id("job"), org_id=org_id, capability=body.capability, status="queued",
             request=body.request, route=routes[body.capability].to_dict(), meta=body.metadata,
@@ -111,6 +115,7 @@ class JobService:
             body.model_routing, self._deployment.catalog, param="model_routing"
         )
         routes = self._routes(org_id, {item.capability for item in items}, routing)
+        self._spend.check_admission(org_id, routes.values())
         now = utcnow()
         batch = Batch(
             id=new_id("batch"), org_id=org_id, run_id=body.run_id, status="in_progress",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
-from decimal import Decimal
+from datetime import datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from broker.catalog import ModelInfo, cost_of
@@ -15,6 +15,14 @@ METER_OUTPUT = "debugger_tokens_output"
 # A rough tokens-per-character ratio, used only when a provider reports no usage at all.
 CHARS_PER_TOKEN = 4
 IMAGE_TOKENS_ESTIMATE = 85
+# The ledger keeps ten decimal places (models.Money); every cost is rounded to them once, here.
+COST_QUANTUM_USD = Decimal("1e-10")
+# Upper bounds for the spend reservation. Byte-level BPE tokenizers never emit more tokens
+# than the text has UTF-8 bytes, so bytes bound text tokens; no provider bills one image
+# above this many tokens (Anthropic's largest image is about 1,600).
+IMAGE_TOKENS_BOUND = 1600
+# A price change may land while a call is in flight: bound with the dearer of now and later.
+PRICE_LOOKAHEAD = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -34,9 +42,16 @@ class MeteredUsage:
             "input_tokens": self.input_tokens,
             "cached_input_tokens": self.cached_input_tokens,
             "output_tokens": self.output_tokens,
-            "cost_usd": str(self.cost_usd),
+            "cost_usd": money(self.cost_usd),
             "estimated": self.estimated,
         }
+
+
+def money(amount_usd: Decimal) -> str:
+    """A decimal string with at least two and at most ten decimal places."""
+    text = format(amount_usd.quantize(COST_QUANTUM_USD, ROUND_HALF_UP), "f")
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
 
 
 def meter(
@@ -56,7 +71,7 @@ def meter(
         cost_usd=cost_of(
             model, when, input_tokens=input_tokens, cached_input_tokens=cached,
             output_tokens=output_tokens,
-        ),
+        ).quantize(COST_QUANTUM_USD, ROUND_HALF_UP),
         estimated=estimated,
     )
 
@@ -89,3 +104,60 @@ def estimate_output_tokens(response: dict[str, Any]) -> int:
         chars += len(str(message.get("content") or ""))
         chars += len(str(message.get("tool_calls") or ""))
     return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def estimate_usage(
+    model: ModelInfo, when: datetime, request: dict[str, Any], response: dict[str, Any]
+) -> MeteredUsage:
+    """Usage of a reply that reported none: a flagged estimate, never zero tokens.
+
+    Each side is held to the reservation's bound, so an estimate never outgrows what the
+    spend cap admitted.
+    """
+    input_tokens = min(estimate_input_tokens(request), input_token_bound(request))
+    output_tokens = estimate_output_tokens(response)
+    if model.kind == "embedding":
+        output_tokens = 0
+    output_tokens = min(output_tokens, output_token_bound(model, request))
+    return meter(model, when, input_tokens=max(input_tokens, 1), cached_input_tokens=0,
+                 output_tokens=output_tokens, estimated=True)
+
+
+def input_token_bound(request: dict[str, Any]) -> int:
+    """Most input tokens a request can be billed: its JSON bytes, images at the image bound."""
+    return max(_json_bytes(request), 1)
+
+
+def _json_bytes(value: Any) -> int:
+    if isinstance(value, dict):
+        if value.get("type") == "image_url":
+            return IMAGE_TOKENS_BOUND
+        return 2 + sum(len(str(k).encode()) + 4 + _json_bytes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return 2 + sum(_json_bytes(item) + 1 for item in value)
+    if isinstance(value, str):
+        return len(value.encode()) + 2
+    return len(str(value))
+
+
+def output_token_bound(model: ModelInfo, request: dict[str, Any]) -> int:
+    """Most output tokens: ``n`` choices of ``max_completion_tokens``/``max_tokens``, at most
+    the model's own limit; the model's limit when the request names none."""
+    if model.kind == "embedding":
+        return 0
+    limit = model.max_output_tokens
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = request.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            limit = min(value, limit) if limit > 0 else value
+            break
+    choices = request.get("n")
+    n = choices if isinstance(choices, int) and not isinstance(choices, bool) else 1
+    return limit * max(n, 1)
+
+
+def cost_bound(model: ModelInfo, when: datetime, request: dict[str, Any]) -> Decimal:
+    """Upper bound of a call's cost in USD: the amount a hosted call reserves."""
+    tokens = {"input_tokens": input_token_bound(request), "cached_input_tokens": 0,
+              "output_tokens": output_token_bound(model, request)}
+    return max(cost_of(model, when, **tokens), cost_of(model, when + PRICE_LOOKAHEAD, **tokens))

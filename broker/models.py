@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -10,6 +10,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -196,3 +197,36 @@ class IdempotencyKey(Base):
     resource_id: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SpendPeriod(Base):
+    """An org's hosted spend in one calendar month (UTC), in units of 1e-10 USD.
+
+    Integers keep the cap check exact on SQLite too; the conditional UPDATE on this row is
+    the one statement that admits a reservation (see ``broker.spend``).
+    """
+
+    __tablename__ = "spend_periods"
+
+    org_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    period_start: Mapped[date] = mapped_column(Date, primary_key=True)
+    spent_usd_e10: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved_usd_e10: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SpendReservation(Base):
+    """One hosted attempt's hold on the cap: ``reserved`` -> ``settled`` | ``released``."""
+
+    __tablename__ = "spend_reservations"
+    __table_args__ = (Index("ix_spend_reservations_org_state", "org_id", "state"),)
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(128))
+    period_start: Mapped[date] = mapped_column(Date)
+    state: Mapped[str] = mapped_column(String(16))
+    estimate_usd_e10: Mapped[int] = mapped_column(BigInteger)
+    cost_usd_e10: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -22,8 +22,8 @@ def insert_ignoring_conflicts(
 ) -> bool:
     """Insert one row unless its unique key exists; True when a row was written."""
     stmt = _insert_ignoring(session.get_bind().dialect.name, table, tuple(conflict_columns))
-    result = session.connection().execute(stmt, values)
-    return bool(getattr(result, "rowcount", 0))
+    # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING.
+    return session.connection().execute(stmt, values).first() is not None
 
 
 def _insert_ignoring(dialect: str, table: Table, conflict_columns: tuple[str, ...]) -> Insert:
@@ -40,5 +40,6 @@ def _insert_ignoring(dialect: str, table: Table, conflict_columns: tuple[str, ..
             )
         else:  # pragma: no cover - only the two dialects above are supported
             raise NotImplementedError(f"unsupported SQL dialect {dialect!r}")
+        stmt = stmt.returning(*(table.c[name] for name in conflict_columns))
         _INSERT_IGNORING[key] = stmt
     return stmt

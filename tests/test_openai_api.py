@@ -296,7 +296,6 @@ def test_a_wait_that_runs_out_is_a_504_and_the_job_can_be_polled(stack: LocalSta
         assert wait_job(http, job_id)["status"] == "succeeded"
 
 
-@pytest.mark.xfail(strict=True, reason="spend cap admission lands with issue 4")
 def test_a_spent_cap_is_a_402(stack: LocalStack) -> None:
     org = "org_capped"
     with api(stack) as http:
@@ -308,6 +307,8 @@ def test_a_spent_cap_is_a_402(stack: LocalStack) -> None:
         client.chat.completions.create(model="planner",
                                        messages=[{"role": "user", "content": "x"}])
     assert caught.value.status_code == 402
+    assert caught.value.code == "spend_cap_exceeded"
+    assert str(caught.value.message).startswith("org LLM spend cap exceeded")
 
 
 def test_the_embedded_default_answers_through_its_sql_fallback(make_stack: Any) -> None:

@@ -16,6 +16,7 @@ lease ran out).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -30,9 +31,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.capabilities import EMBEDDING_CAPABILITIES
 from broker.db import as_utc, utcnow
-from broker.metering import MeteredUsage, estimate_input_tokens, estimate_output_tokens, meter
+from broker.errors import SpendCapExceeded
+from broker.metering import MeteredUsage, estimate_usage, meter
 from broker.models import Attempt, Job, UsageEvent
 from broker.routing import Deployment, Route
+from broker.spend import SpendLedger
 from broker.sqlutil import insert_ignoring_conflicts
 from tasks.retry_policy import RetryDecision, RetryPolicies, decide
 from workers import observe
@@ -86,6 +89,7 @@ class JobRunner:
         # Every write goes through the group committer: under load, concurrent jobs share
         # transactions instead of each paying for its own checkout, BEGIN and COMMIT.
         self._commits = GroupCommitter(sessions)
+        self._spend = SpendLedger(sessions, deployment.catalog)
         self._deployment = deployment
         self._providers = providers
         self._credentials = credentials
@@ -147,6 +151,7 @@ class JobRunner:
         started = time.perf_counter()
         with observe.running(job):
             try:
+                self._reserve(job)
                 response = self._call(job, deadline_s)
             except ProviderError as exc:
                 self._fail(job, exc, (time.perf_counter() - started) * 1000)
@@ -246,6 +251,13 @@ class JobRunner:
 
     # -- the call -----------------------------------------------------------------------
 
+    def _reserve(self, job: ClaimedJob) -> None:
+        """Hold the hosted spend this call may cost; a refusal fails the job, uncalled."""
+        try:
+            self._spend.reserve(job)
+        except SpendCapExceeded as exc:
+            raise PermanentProviderError(exc.message, code="spend_cap_exceeded") from exc
+
     def _call(self, job: ClaimedJob, deadline_s: float) -> ProviderResponse:
         # A stored integration names its own provider and base URL; the catalog's provider
         # applies to molar-managed routes only.
@@ -288,9 +300,7 @@ class JobRunner:
                          cached_input_tokens=response.usage.cached_input_tokens,
                          output_tokens=response.usage.output_tokens)
         # Until every provider reports usage, an estimate (flagged) beats a zero bill.
-        return meter(model, now, input_tokens=estimate_input_tokens(job.request),
-                     cached_input_tokens=0, output_tokens=estimate_output_tokens(response.body),
-                     estimated=True)
+        return estimate_usage(model, now, job.request, response.body)
 
     def _complete(self, job: ClaimedJob, answer: StoredAnswer, elapsed_ms: float) -> None:
         """One transaction: the ledger event of the answering attempt and the finished job."""
@@ -300,6 +310,9 @@ class JobRunner:
             self._write_usage_event(session, job, answer.attempt, usage)
             finished = self._finish(session, job, status="succeeded", result=answer.result,
                                     usage=usage.to_dict(), error=None, attempts=answer.attempt)
+            # The answering attempt's hold becomes its actual cost, with its ledger event.
+            self._spend.settle(session, dataclasses.replace(job, attempt=answer.attempt),
+                               usage.cost_usd, utcnow())
             if finished:
                 session.execute(
                     update(Attempt).where(Attempt.job_id == job.id,
@@ -337,7 +350,9 @@ class JobRunner:
         def write(session: Session) -> str | None:
             self._end_attempt(session, job.id, job.attempt, "failed", exc.status, elapsed_ms,
                               exc.code)
-            return self._after_failure(session, job, decision)
+            status = self._after_failure(session, job, decision)
+            self._spend.release(session, job)
+            return status
 
         status = self._commits.run(write)
         observe.attempt_failed(job, elapsed_ms, exc.code)

@@ -10,7 +10,16 @@ from fastapi import FastAPI
 
 from broker import __version__
 from broker.api.errors import install_error_handlers
-from broker.api.routes import batches, health, integrations, jobs, metrics, openai, orgs
+from broker.api.routes import (
+    batches,
+    health,
+    integrations,
+    jobs,
+    metrics,
+    openai,
+    orgs,
+    usage,
+)
 from broker.api.state import AppState
 from broker.completion_wait import CompletionWaiter
 from broker.migrate import ensure_embedded_schema
@@ -39,6 +48,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="molar-llm-broker", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(HttpMetricsMiddleware)
-    for module in (health, jobs, batches, orgs, integrations, metrics, openai):
+    for module in (health, jobs, batches, orgs, integrations, metrics, openai, usage):
         app.include_router(module.router)
     return app

@@ -17,6 +17,8 @@ from broker.jobs import JobService
 from broker.orgs import OrgService
 from broker.routing import Deployment, load_deployment
 from broker.settings import Settings
+from broker.spend import SpendLedger
+from broker.usage import UsageService
 from tasks.app import create_celery_app
 
 
@@ -32,6 +34,8 @@ class AppState:
     integrations: IntegrationService
     control: JobControl
     submissions: IdempotentSubmissions
+    spend: SpendLedger
+    usage: UsageService
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
@@ -40,15 +44,17 @@ class AppState:
         deployment = load_deployment(settings.catalog_file, settings.routing_defaults_file)
         celery = create_celery_app(settings)
         orgs = OrgService(sessions, deployment)
+        spend = SpendLedger(sessions, deployment.catalog)
         jobs = JobService(
-            sessions, deployment, celery, orgs, max_batch_items=settings.max_batch_items
+            sessions, deployment, celery, orgs, max_batch_items=settings.max_batch_items,
+            spend=spend,
         )
         cipher = CredentialCipher(settings.encryption_keys.get_secret_value())
         integrations = IntegrationService(sessions, cipher)
         control = JobControl(sessions, celery, jobs)
         submissions = IdempotentSubmissions(sessions, ttl_s=settings.idempotency_ttl_s)
         return cls(settings, engine, sessions, deployment, celery, orgs, jobs, integrations,
-                   control, submissions)
+                   control, submissions, spend, UsageService(sessions))
 
     def close(self) -> None:
         self.engine.dispose()

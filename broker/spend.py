@@ -1,0 +1,324 @@
+"""Hosted spend per org and calendar month (UTC): admission, reservation, settlement.
+
+A hosted attempt ``reserve``s an upper bound of its cost before the provider call; one
+conditional UPDATE on the org's period row admits it only if spent + reserved + estimate
+stays within the cap, so concurrent workers cannot overrun it. ``settle`` swaps the hold for
+the actual cost inside the transaction that writes the usage event; ``release`` drops it
+when the attempt fails. All three are idempotent per (job, attempt). BYOK routes bypass it.
+
+Amounts are integers of 1e-10 USD (the ledger's precision), exact on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from typing import Any, Protocol
+
+from sqlalchemy import String, and_, cast, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.catalog import Catalog
+from broker.db import transaction, utcnow
+from broker.errors import SpendCapExceeded
+from broker.metering import cost_bound, money
+from broker.models import Job, OrgSettings, SpendPeriod, SpendReservation
+from broker.routing import Route
+from broker.sqlutil import insert_ignoring_conflicts
+
+log = logging.getLogger(__name__)
+
+E10 = Decimal(10) ** 10
+RESERVED, SETTLED, RELEASED = "reserved", "settled", "released"
+
+
+class DispatchedJob(Protocol):
+    """What the runner knows about the attempt it is about to run."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def org_id(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def route(self) -> Route: ...
+    @property
+    def request(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class SpendSnapshot:
+    org_id: str
+    period_start: date
+    cap_usd: Decimal | None
+    spent_usd: Decimal
+    reserved_usd: Decimal
+
+    @property
+    def remaining_usd(self) -> Decimal | None:
+        if self.cap_usd is None:
+            return None
+        return max(self.cap_usd - self.spent_usd - self.reserved_usd, Decimal(0))
+
+    @property
+    def cap_reached(self) -> bool:
+        return self.cap_usd is not None and self.spent_usd >= self.cap_usd
+
+
+class _Refused(Exception):
+    """Rolls back a reservation the cap did not admit."""
+
+
+def period_start(when: datetime) -> date:
+    """First day of the calendar month (UTC) holding ``when``."""
+    day = when.astimezone(UTC).date()
+    return day.replace(day=1)
+
+
+def next_period_start(start: date) -> date:
+    return date(start.year + 1, 1, 1) if start.month == 12 else date(start.year, start.month + 1, 1)
+
+
+def to_e10(amount_usd: Decimal, *, rounding: str = ROUND_HALF_UP) -> int:
+    return int((amount_usd * E10).to_integral_value(rounding=rounding))
+
+
+def from_e10(amount_e10: int) -> Decimal:
+    return Decimal(amount_e10) / E10
+
+
+class SpendLedger:
+    def __init__(self, sessions: sessionmaker[Session], catalog: Catalog):
+        self._sessions = sessions
+        self._catalog = catalog
+
+    # -- reading ------------------------------------------------------------------------
+
+    def snapshot(self, org_id: str, now: datetime | None = None) -> SpendSnapshot:
+        start = period_start(now or utcnow())
+        with self._sessions() as session:
+            cap = _read_cap(session, org_id)
+            row = session.get(SpendPeriod, (org_id, start))
+        spent, reserved = (row.spent_usd_e10, row.reserved_usd_e10) if row else (0, 0)
+        return SpendSnapshot(org_id, start, cap, from_e10(spent), from_e10(reserved))
+
+    def check_admission(self, org_id: str, routes: Iterable[Route]) -> None:
+        """At submission: refuse hosted work once this month's hosted spend reached the cap."""
+        hosted = sorted({r.capability for r in routes if r.billing_kind == "hosted"})
+        if not hosted:
+            return
+        snap = self.snapshot(org_id)
+        if snap.cap_reached:
+            raise SpendCapExceeded(_cap_message(snap, hosted))
+
+    # -- the three steps of a hosted attempt ---------------------------------------------
+
+    def reserve(self, job: DispatchedJob, now: datetime | None = None) -> None:
+        """Hold an upper bound of the attempt's cost; raise SpendCapExceeded if it won't fit."""
+        if job.route.billing_kind != "hosted":
+            return
+        now = now or utcnow()
+        model = self._catalog.get(job.route.model)
+        estimate_e10 = to_e10(cost_bound(model, now, job.request), rounding=ROUND_CEILING)
+        start = period_start(now)
+        if self._try_reserve(job, start, estimate_e10, now):
+            return
+        # Holds of attempts that died without settling may be what blocks: free and retry.
+        if self.release_orphans(job.org_id, now) and self._try_reserve(
+            job, start, estimate_e10, now
+        ):
+            return
+        snap = self.snapshot(job.org_id, now)
+        log.warning("job %s refused attempt=%d org=%s estimate_usd=%s spent_usd=%s "
+                    "reserved_usd=%s cap_usd=%s", job.id, job.attempt, job.org_id,
+                    money(from_e10(estimate_e10)), money(snap.spent_usd),
+                    money(snap.reserved_usd), snap.cap_usd)
+        raise SpendCapExceeded(_cap_message(snap, [job.route.capability],
+                                            estimate_usd=from_e10(estimate_e10)))
+
+    def settle(self, session: Session, job: DispatchedJob, cost_usd: Decimal,
+               now: datetime | None = None) -> None:
+        """Replace the attempt's hold by its actual cost, in the caller's transaction."""
+        if job.route.billing_kind != "hosted":
+            return
+        now = now or utcnow()
+        cost_e10 = to_e10(cost_usd)
+        held = _finish(session, job, RESERVED, SETTLED, now, cost_e10)
+        if held is not None:
+            _move(session, job.org_id, held[0], spent_e10=cost_e10, reserved_e10=-held[1], now=now)
+            return
+        # Released meanwhile (orphan sweep): the call still happened, so it still counts.
+        held = _finish(session, job, RELEASED, SETTLED, now, cost_e10)
+        if held is not None:
+            _move(session, job.org_id, held[0], spent_e10=cost_e10, reserved_e10=0, now=now)
+            return
+        self._settle_unreserved(session, job, cost_e10, now)
+
+    def release(self, session: Session, job: DispatchedJob, now: datetime | None = None) -> None:
+        """Drop the attempt's hold (it failed before costing anything), in the caller's
+        transaction."""
+        now = now or utcnow()
+        held = _finish(session, job, RESERVED, RELEASED, now, None)
+        if held is not None:
+            _move(session, job.org_id, held[0], spent_e10=0, reserved_e10=-held[1], now=now)
+
+    def release_orphans(self, org_id: str, now: datetime | None = None) -> int:
+        """Release holds whose attempt is over: the job moved on, finished or vanished."""
+        now = now or utcnow()
+        live = and_(Job.status == "running", Job.attempts == SpendReservation.attempt)
+        stmt = (
+            select(SpendReservation.job_id, SpendReservation.attempt,
+                   SpendReservation.org_id)
+            .outerjoin(Job, Job.id == SpendReservation.job_id)
+            .where(SpendReservation.org_id == org_id, SpendReservation.state == RESERVED,
+                   or_(Job.id.is_(None), ~live))
+        )
+        with self._sessions() as session:
+            orphans = session.execute(stmt).all()
+        released = 0
+        for row in orphans:
+            with transaction(self._sessions) as session:
+                held = _finish(session, _Key(row.job_id, row.org_id, row.attempt), RESERVED,
+                               RELEASED, now, None)
+                if held is not None:
+                    _move(session, org_id, held[0], spent_e10=0, reserved_e10=-held[1], now=now)
+                    released += 1
+        if released:
+            log.info("released %d orphaned spend hold(s) org=%s", released, org_id)
+        return released
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _try_reserve(self, job: DispatchedJob, start: date, estimate_e10: int,
+                     now: datetime) -> bool:
+        try:
+            with transaction(self._sessions) as session:
+                _ensure_period(session, job.org_id, start, now)
+                inserted = insert_ignoring_conflicts(session, SpendReservation.__table__, {  # type: ignore[arg-type]
+                    "job_id": job.id, "attempt": job.attempt, "org_id": job.org_id,
+                    "period_start": start, "state": RESERVED,
+                    "estimate_usd_e10": estimate_e10, "created_at": now,
+                }, ("job_id", "attempt"))
+                if not inserted and not _rearm(session, job, start, estimate_e10, now):
+                    return True  # this attempt already holds (or settled) its reservation
+                if not _admit(session, job.org_id, start, estimate_e10, now):
+                    raise _Refused
+        except _Refused:
+            return False
+        return True
+
+    def _settle_unreserved(self, session: Session, job: DispatchedJob, cost_e10: int,
+                           now: datetime) -> None:
+        # An attempt that never reserved (e.g. recovered after a crash): record and count it.
+        start = period_start(now)
+        _ensure_period(session, job.org_id, start, now)
+        inserted = insert_ignoring_conflicts(session, SpendReservation.__table__, {  # type: ignore[arg-type]
+            "job_id": job.id, "attempt": job.attempt, "org_id": job.org_id,
+            "period_start": start, "state": SETTLED, "estimate_usd_e10": 0,
+            "cost_usd_e10": cost_e10, "created_at": now, "finished_at": now,
+        }, ("job_id", "attempt"))
+        if inserted:
+            _move(session, job.org_id, start, spent_e10=cost_e10, reserved_e10=0, now=now)
+
+
+@dataclass(frozen=True)
+class _Key:
+    id: str
+    org_id: str
+    attempt: int
+
+
+class _Attempt(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+
+
+def _read_cap(session: Session, org_id: str) -> Decimal | None:
+    # Read as text: SQLite keeps NUMERIC as a float, and its text form is the exact input.
+    text = session.scalar(
+        select(cast(OrgSettings.spend_cap_usd, String)).where(OrgSettings.org_id == org_id)
+    )
+    return Decimal(text) if text is not None else None
+
+
+def _ensure_period(session: Session, org_id: str, start: date, now: datetime) -> None:
+    insert_ignoring_conflicts(session, SpendPeriod.__table__, {  # type: ignore[arg-type]
+        "org_id": org_id, "period_start": start, "spent_usd_e10": 0, "reserved_usd_e10": 0,
+        "updated_at": now,
+    }, ("org_id", "period_start"))
+
+
+def _rearm(session: Session, job: DispatchedJob, start: date, estimate_e10: int,
+           now: datetime) -> bool:
+    """Reuse a released hold of the same attempt; False when it is still held or settled."""
+    result = session.execute(
+        update(SpendReservation)
+        .where(SpendReservation.job_id == job.id, SpendReservation.attempt == job.attempt,
+               SpendReservation.state == RELEASED)
+        .values(state=RESERVED, period_start=start, estimate_usd_e10=estimate_e10,
+                finished_at=None, created_at=now)
+        .returning(SpendReservation.job_id)
+    )
+    return result.first() is not None
+
+
+def _admit(session: Session, org_id: str, start: date, estimate_e10: int,
+           now: datetime) -> bool:
+    """The one atomic statement: add the hold only if spent + reserved + it fits the cap."""
+    cap = _read_cap(session, org_id)
+    stmt = (
+        update(SpendPeriod)
+        .where(SpendPeriod.org_id == org_id, SpendPeriod.period_start == start)
+        .values(reserved_usd_e10=SpendPeriod.reserved_usd_e10 + estimate_e10, updated_at=now)
+    )
+    if cap is not None:
+        stmt = stmt.where(
+            SpendPeriod.spent_usd_e10 + SpendPeriod.reserved_usd_e10 + estimate_e10
+            <= to_e10(cap, rounding=ROUND_HALF_UP)
+        )
+    return session.execute(stmt.returning(SpendPeriod.org_id)).first() is not None
+
+
+def _finish(session: Session, job: _Attempt, from_state: str, to_state: str, now: datetime,
+            cost_e10: int | None) -> tuple[date, int] | None:
+    """Move a hold between states; (period, estimate) when this call made the move."""
+    values: dict[str, Any] = {"state": to_state, "finished_at": now}
+    if cost_e10 is not None:
+        values["cost_usd_e10"] = cost_e10
+    row = session.execute(
+        update(SpendReservation)
+        .where(SpendReservation.job_id == job.id, SpendReservation.attempt == job.attempt,
+               SpendReservation.state == from_state)
+        .values(**values)
+        .returning(SpendReservation.period_start, SpendReservation.estimate_usd_e10)
+    ).one_or_none()
+    return (row.period_start, row.estimate_usd_e10) if row is not None else None
+
+
+def _move(session: Session, org_id: str, start: date, *, spent_e10: int, reserved_e10: int,
+          now: datetime) -> None:
+    session.execute(
+        update(SpendPeriod)
+        .where(SpendPeriod.org_id == org_id, SpendPeriod.period_start == start)
+        .values(spent_usd_e10=SpendPeriod.spent_usd_e10 + spent_e10,
+                reserved_usd_e10=SpendPeriod.reserved_usd_e10 + reserved_e10, updated_at=now)
+    )
+
+
+def _cap_message(snap: SpendSnapshot, capabilities: list[str],
+                 estimate_usd: Decimal | None = None) -> str:
+    cap = money(snap.cap_usd) if snap.cap_usd is not None else "none"
+    needed = f"; this call may cost up to ${money(estimate_usd)}" if estimate_usd else ""
+    return (
+        f"org LLM spend cap exceeded: hosted (molar-managed) spend for the month from "
+        f"{snap.period_start.isoformat()} (UTC) is ${money(snap.spent_usd)} spent and "
+        f"${money(snap.reserved_usd)} reserved of the ${cap} cap{needed}. Add a BYOK "
+        f"integration and route {', '.join(capabilities)} to it, or raise spend_cap_usd "
+        f"with PUT /v1/orgs/{snap.org_id}/settings"
+    )
