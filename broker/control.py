@@ -19,7 +19,7 @@ from celery import Celery
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker.db import transaction, utcnow
+from broker.db import run_transaction, transaction, utcnow
 from broker.errors import Conflict, NotFound
 from broker.jobs import PUBLISH_ERRORS, JobService
 from broker.models import Attempt, Batch, Job
@@ -48,8 +48,7 @@ def requeue(sessions: sessionmaker[Session], celery_app: Celery,
             conditions: Sequence[ColumnElement[bool]], *,
             statuses: Sequence[str] = RETRYABLE_BY_HAND) -> list[RequeuedJob]:
     """Re-queue the jobs matching ``conditions`` as new attempts and publish them."""
-    with transaction(sessions) as session:
-        jobs = requeue_rows(session, conditions, statuses)
+    jobs = run_transaction(sessions, lambda session: requeue_rows(session, conditions, statuses))
     publish_or_defer(sessions, celery_app, jobs)
     return jobs
 
@@ -109,9 +108,12 @@ class JobControl:
 
     def cancel_job(self, org_id: str, job_id: str) -> dict[str, Any]:
         mine = [Job.id == job_id, Job.org_id == org_id]
-        with transaction(self._sessions) as session:
+
+        def cancel(session: Session) -> tuple[int, int]:
             ended = _cancel_waiting(session, mine)
-            flagged = 0 if ended else _flag_running(session, mine)
+            return ended, 0 if ended else _flag_running(session, mine)
+
+        ended, flagged = run_transaction(self._sessions, cancel)
         if not ended and not flagged:
             status = self._status(org_id, job_id)
             raise Conflict(f"job {job_id} is already {status}; there is nothing to cancel",
@@ -144,11 +146,14 @@ class JobControl:
         if status == "cancelling":
             raise Conflict(f"batch {batch_id} is cancelling; retry it once it is cancelled",
                            param="batch_id", code="batch_not_retryable")
-        with transaction(self._sessions) as session:
+        def requeue_failed(session: Session) -> list[RequeuedJob]:
             jobs = requeue_rows(session, [Job.batch_id == batch_id], ("failed",))
             if jobs:
                 session.execute(update(Batch).where(Batch.id == batch_id)
                                 .values(status="in_progress", completed_at=None))
+            return jobs
+
+        jobs = run_transaction(self._sessions, requeue_failed)
         publish_or_defer(self._sessions, self._celery, jobs)
         log.info("batch %s re-queued %d failed item(s) org=%s", batch_id, len(jobs), org_id)
         return dict(self._jobs.get_batch(org_id, batch_id), requeued=len(jobs))
@@ -159,12 +164,14 @@ class JobControl:
             raise Conflict(f"batch {batch_id} is completed; there is nothing to cancel",
                            param="batch_id", code="batch_not_cancellable")
         in_batch = [Job.batch_id == batch_id]
-        with transaction(self._sessions) as session:
+
+        def cancel(session: Session) -> tuple[int, int]:
             session.execute(update(Batch).where(Batch.id == batch_id,
                                                 Batch.status == "in_progress")
                             .values(status="cancelling"))
-            ended = _cancel_waiting(session, in_batch)
-            flagged = _flag_running(session, in_batch)
+            return _cancel_waiting(session, in_batch), _flag_running(session, in_batch)
+
+        ended, flagged = run_transaction(self._sessions, cancel)
         log.info("batch %s cancelling org=%s cancelled=%d running=%d", batch_id, org_id, ended,
                  flagged)
         return self._jobs.get_batch(org_id, batch_id)

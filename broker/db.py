@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+T = TypeVar("T")
 
 
 def normalize_url(url: str) -> str:
@@ -61,6 +66,30 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One session, committed on success and rolled back on any error."""
     with factory() as session, session.begin():
         yield session
+
+
+# PostgreSQL's "deadlock detected" and "could not serialize": the transaction lost a race
+# and can simply run again.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def run_transaction(factory: sessionmaker[Session], fn: Callable[[Session], T], *,
+                    attempts: int = 5) -> T:
+    """Run ``fn`` in a transaction, again when the database picked it as a deadlock victim.
+
+    Bulk updates (cancelling or retrying a batch) lock many job rows while workers update
+    the same rows in batches of their own; PostgreSQL breaks such cycles by failing one side.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with transaction(factory) as session:
+                return fn(session)
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) not in RETRYABLE_SQLSTATES or \
+                    attempt == attempts:
+                raise
+            time.sleep(random.uniform(0.01, 0.05) * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def utcnow() -> datetime:

@@ -31,6 +31,9 @@ DATED_MODEL = "dated-chat"
 TODAY_PRICE = {"input": Decimal("3.00"), "cached_input": Decimal("0.75"),
                "output": Decimal("12.00")}
 DATED_ROUTING = {"planner": {"provider_integration_id": "molar-managed", "model": DATED_MODEL}}
+# Pinned, so the expected prices do not follow the deployment's default for planner.
+MINI_ROUTING = {"planner": {"provider_integration_id": "molar-managed",
+                            "model": "gpt-4.1-mini"}}
 
 
 def catalog_with_a_price_change(path: Path) -> Path:
@@ -224,7 +227,8 @@ def test_spend_and_usage_report_the_same_money_as_the_jobs(stack):
     with api(stack, org=org) as client:
         set_cap(client, org, "2.5")
         ids = [client.post("/v1/jobs", json=body).json()["id"] for body in (
-            {"capability": "planner", "request": chat("one", max_tokens=30)},
+            {"capability": "planner", "request": chat("one", max_tokens=30),
+             "model_routing": MINI_ROUTING},
             {"capability": "planner", "request": chat("two", max_tokens=30),
              "model_routing": DATED_ROUTING},
             {"capability": "embeddings", "request": {"input": "three"}},
@@ -326,7 +330,8 @@ def test_racing_jobs_never_overrun_the_cap_and_byok_work_goes_on(stack):
         items.insert(i * 7, {"custom_id": f"byok-{i:03d}", "capability": "export_healer",
                              "request": chat(directive(scenario=byok), max_tokens=50)})
     routing = {"export_healer": {"provider_integration_id": BYOK_ID,
-                                 "model": "llama-3.1-8b-instruct"}}
+                                 "model": "llama-3.1-8b-instruct"},
+               **MINI_ROUTING}
 
     with api(stack, org=org) as client:
         set_cap(client, org, str(CONCURRENT_CAP_USD))

@@ -308,7 +308,7 @@ def test_a_spent_cap_is_a_402(stack: LocalStack) -> None:
                                        messages=[{"role": "user", "content": "x"}])
     assert caught.value.status_code == 402
     assert caught.value.code == "spend_cap_exceeded"
-    assert str(caught.value.message).startswith("org LLM spend cap exceeded")
+    assert caught.value.body["message"].startswith("org LLM spend cap exceeded")
 
 
 def test_the_embedded_default_answers_through_its_sql_fallback(make_stack: Any) -> None:
