@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import BatchPublishError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 from sqlalchemy import delete, func, insert, select, update
@@ -29,7 +30,11 @@ from tasks.publish import publish_jobs
 
 log = logging.getLogger(__name__)
 RESULTS_PAGE = 1000
-PUBLISH_ERRORS = (KombuOperationalError, RedisError, ConnectionError, OSError)
+# A broker that drops while a publish batch is flushed raises BatchPublishError (delivery
+# uncertain); the rows are removed either way, so a message that did get out finds no job.
+PUBLISH_ERRORS = (
+    KombuOperationalError, BatchPublishError, RedisError, ConnectionError, OSError,
+)
 
 
 def new_id(prefix: str) -> str:

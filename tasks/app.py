@@ -65,6 +65,12 @@ def create_celery_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # With remote control on, Celery 5.7 + kombu 5.7 on Redis crash the worker ("Unrecoverable
+        # error: AttributeError ... 'hostname'") when the broker drops while jobs are in flight:
+        # closing the pidbox fanout queue fails, and the second close rebuilds a pool from a
+        # transport already torn down. Off until that is fixed upstream; Flower still gets task
+        # events, it loses only inspect/control commands.
+        worker_enable_remote_control=False,
     )
     return app
 
