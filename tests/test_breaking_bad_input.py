@@ -80,3 +80,17 @@ def test_an_id_with_a_nul_byte_is_404_not_500(stack, path):
         response = client.get(path)
     assert response.status_code == 404, response.text
     assert response.json()["error"]["type"] == "not_found_error"
+
+
+def test_a_body_that_is_not_utf8_is_400_invalid_json_and_writes_nothing(stack):
+    before = _rows(stack)
+    body = (b'{"capability": "planner", "request": {"messages": '
+            b'[{"role": "user", "content": "\xff"}]}}')
+    with api(stack) as client:
+        response = client.post("/v1/jobs", content=body,
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json"
+    assert error["param"] == "body"
+    assert _rows(stack) == before
