@@ -33,6 +33,9 @@ _BY_STATUS: dict[int, type[errors.BrokerError]] = {
     422: errors.InvalidRequest,
     503: errors.ServiceUnavailable,
 }
+#: How long a submission may take to be accepted. Longer than ``timeout_s``: giving up on a
+#: submission leaves the caller not knowing whether its jobs exist, and a retry runs them twice.
+SUBMIT_TIMEOUT_S = 600.0
 TERMINAL_JOB = frozenset({"succeeded", "failed", "cancelled"})
 TERMINAL_BATCH = frozenset({"completed", "cancelled"})
 
@@ -75,7 +78,8 @@ class BrokerClient:
                    idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
         """Submit one job; with ``idempotency_key`` a resubmission returns the original."""
         return self._json("POST", "/v1/jobs", {"capability": capability, "request": request,
-                                                **fields}, idempotency_key=idempotency_key)
+                                                **fields}, idempotency_key=idempotency_key,
+                          timeout_s=SUBMIT_TIMEOUT_S)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")
@@ -83,7 +87,7 @@ class BrokerClient:
     def submit_batch(self, items: Iterable[dict[str, Any]], *,
                      idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
         return self._json("POST", "/v1/batches", {"items": list(items), **fields},
-                          idempotency_key=idempotency_key)
+                          idempotency_key=idempotency_key, timeout_s=SUBMIT_TIMEOUT_S)
 
     def retry_job(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{job_id}/retry")
@@ -149,13 +153,18 @@ class BrokerClient:
         return self._json("GET", "/v1/routing")
 
     def _json(self, method: str, path: str, body: Any = None, *,
-              idempotency_key: str | None = None) -> dict[str, Any]:
+              idempotency_key: str | None = None, timeout_s: float | None = None
+              ) -> dict[str, Any]:
         content = orjson.dumps(body) if body is not None else None
         headers = {"Content-Type": "application/json"} if content is not None else {}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
+        timeout = self._http.timeout if timeout_s is None else httpx.Timeout(
+            timeout_s, connect=self._http.timeout.connect
+        )
         try:
-            response = self._http.request(method, path, content=content, headers=headers)
+            response = self._http.request(method, path, content=content, headers=headers,
+                                          timeout=timeout)
         except httpx.TransportError as exc:
             raise errors.ServiceUnavailable(
                 f"cannot reach the broker at {self._http.base_url}: {type(exc).__name__}"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import BatchPublishError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 from sqlalchemy import delete, func, insert, select, update
@@ -25,13 +26,19 @@ from broker.orgs import OrgService
 from broker.routing import Deployment, Route, resolve_routes, validate_routing
 from broker.schemas import BatchSubmission, JobSubmission
 from broker.spend import SpendLedger
-from broker.validation import check_capability, check_request
+from broker.validation import check_capability, check_request, check_storable, check_text
 from broker.views import batch_view, bucket_counts, job_view, result_line
 from tasks.publish import publish_jobs
 
 log = logging.getLogger(__name__)
 RESULTS_PAGE = 1000
-PUBLISH_ERRORS = (KombuOperationalError, RedisError, ConnectionError, OSError)
+#: Width of the id columns; longer ids cannot exist.
+ID_MAX_CHARS = 40
+# A broker that drops while a publish batch is flushed raises BatchPublishError (delivery
+# uncertain); the rows are removed either way, so a message that did get out finds no job.
+PUBLISH_ERRORS = (
+    KombuOperationalError, BatchPublishError, RedisError, ConnectionError, OSError,
+)
 # A batch with nothing queued or running any more ends in the status its current one leads to.
 SETTLES_AS = {"in_progress": "completed", "cancelling": "cancelled"}
 
@@ -67,6 +74,7 @@ class JobService:
         """``route``, when the caller already resolved it for this submission, is reused."""
         check_capability(body.capability, param="capability")
         check_request(body.capability, body.request, param="request")
+        _check_run_fields(body)
         routing = validate_routing(
             body.model_routing, self._deployment.catalog, param="model_routing"
         )
@@ -111,6 +119,7 @@ class JobService:
             seen.add(item.custom_id)
             check_capability(item.capability, param=f"items[{index}].capability")
             check_request(item.capability, item.request, param=f"items[{index}].request")
+        _check_run_fields(body)
         routing = validate_routing(
             body.model_routing, self._deployment.catalog, param="model_routing"
         )
@@ -180,7 +189,7 @@ class JobService:
 
     def get_job(self, org_id: str, job_id: str) -> dict[str, Any]:
         with self._sessions() as session:
-            job = session.get(Job, job_id)
+            job = session.get(Job, job_id) if _could_exist(job_id) else None
         if job is None or job.org_id != org_id:
             raise NotFound(f"no job {job_id!r} in this org", param="job_id")
         return job_view(job)
@@ -228,8 +237,17 @@ class JobService:
             last = page[-1].batch_index or 0
 
     def _own_batch(self, session: Session, org_id: str, batch_id: str) -> Batch:
-        batch = session.get(Batch, batch_id)
+        batch = session.get(Batch, batch_id) if _could_exist(batch_id) else None
         if batch is None or batch.org_id != org_id:
             raise NotFound(f"no batch {batch_id!r} in this org", param="batch_id")
         return batch
 
+
+def _check_run_fields(body: JobSubmission | BatchSubmission) -> None:
+    check_text(body.run_id, param="run_id")
+    check_storable(body.metadata, param="metadata")
+
+
+def _could_exist(row_id: str) -> bool:
+    # PostgreSQL refuses a NUL byte even in a lookup; no id we hand out has one.
+    return "\x00" not in row_id and len(row_id) <= ID_MAX_CHARS

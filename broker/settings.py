@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     # Prefix for every Redis key and channel the broker uses, so deployments (and test
     # runs) can share one Redis server.
     redis_key_prefix: str = ""
+    # Celery remote control (Flower's inspect views); see tasks/app.py for its cost.
+    worker_remote_control: bool = True
     visibility_timeout_s: int = 1800
     task_time_limit_s: int = 300
     attempt_deadline_s: float = 120.0

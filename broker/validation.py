@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from broker.capabilities import EMBEDDING_CAPABILITIES, is_capability, unknown_capability_message
 from broker.errors import InvalidRequest
 
@@ -21,6 +23,35 @@ def check_request(capability: str, request: dict[str, Any], *, param: str) -> No
         _check_embeddings(request, param)
     else:
         _check_chat(request, param)
+    check_storable(request, param=param)
+
+
+def check_storable(value: object, *, param: str) -> None:
+    """Refuse JSON the database cannot hold: the JSON columns are written with orjson."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRequest(
+            f"{param} holds a value that cannot be stored ({exc}); integers must fit in 64 "
+            "bits and strings must be valid Unicode",
+            param=param,
+        ) from None
+
+
+def check_text(value: str | None, *, param: str) -> None:
+    """Refuse text a SQL text column cannot hold (PostgreSQL refuses NUL bytes)."""
+    if value is not None and ("\x00" in value or not _is_unicode(value)):
+        raise InvalidRequest(
+            f"{param} must be valid Unicode text without NUL characters", param=param
+        )
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 def _check_chat(request: dict[str, Any], param: str) -> None:

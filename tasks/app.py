@@ -65,6 +65,13 @@ def create_celery_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Remote control feeds Flower's inspect views (which queues a worker serves). With it
+        # on, Celery 5.7 + kombu 5.7 on Redis end the worker ("Unrecoverable error:
+        # AttributeError ... 'hostname'") when the broker drops while jobs are in flight:
+        # closing the pidbox queue fails on a transport already torn down. Deployments that
+        # prefer riding out broker restarts to Flower's inspect views turn it off; it can stay
+        # on by default once a kombu release fixes the reconnect.
+        worker_enable_remote_control=settings.worker_remote_control,
     )
     return app
 

@@ -67,6 +67,12 @@ def _param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str:
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSON:
+    if exc.status_code == 400:
+        # FastAPI's own refusal of a body it cannot decode (not UTF-8, say).
+        return error_response(
+            400, f"the request body is not valid JSON: {exc.detail}",
+            type_="invalid_request_error", param="body", code="invalid_json",
+        )
     kinds = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error",
                                                         "method_not_allowed")}
     type_, code = kinds.get(exc.status_code, ("invalid_request_error", None))
