@@ -157,17 +157,25 @@ def measure(latency_ms: float, jobs: int, repeat: int, workdir: Path) -> dict[st
                     broker.stack.upstream_key)
     ours: list[float] = []
     theirs: list[float] = []
+    broker_pids = [broker.worker.pid, broker.stack.procs["api"].pid]
+    cpu_ms = {"broker": 0.0, "bare": 0.0}
     try:
         for _ in range(repeat):
+            before = sum(cpu_s(pid) for pid in broker_pids)
             ours.append(broker.run(jobs))
+            cpu_ms["broker"] += (sum(cpu_s(pid) for pid in broker_pids) - before) * 1000
+            before = cpu_s(bare.proc.pid) + time.process_time()
             theirs.append(bare.run(jobs))
+            cpu_ms["bare"] += (cpu_s(bare.proc.pid) + time.process_time() - before) * 1000
             print(f"  latency {latency_ms:g} ms: broker {ours[-1]:.0f} jobs/s, "
                   f"bare Celery {theirs[-1]:.0f} jobs/s", flush=True)
     finally:
         bare.close()
         broker.close()
     return {"latency_ms": latency_ms, "jobs": jobs, "broker": ours, "bare": theirs,
-            "ratio": statistics.median(ours) / statistics.median(theirs)}
+            "ratio": statistics.median(ours) / statistics.median(theirs),
+            # Broker: API and worker processes; bare: worker and the submitting client.
+            "cpu_ms_per_job": {k: v / (jobs * repeat) for k, v in cpu_ms.items()}}
 
 
 def drain_memory(items: int, workdir: Path) -> dict[str, Any]:
@@ -214,7 +222,9 @@ def main() -> None:
               f"broker_median={statistics.median(result['broker']):.0f} "
               f"bare_median={statistics.median(result['bare']):.0f} "
               f"ratio={result['ratio']:.2f} broker_runs={[round(x) for x in result['broker']]} "
-              f"bare_runs={[round(x) for x in result['bare']]}", flush=True)
+              f"bare_runs={[round(x) for x in result['bare']]} "
+              f"cpu_ms_per_job={ {k: round(v, 2) for k, v in result['cpu_ms_per_job'].items()} }",
+              flush=True)
     if args.drain:
         drain = drain_memory(args.drain, args.workdir)
         print(f"DRAIN items={drain['items']} submit_s={drain['submit_s']:.1f} "
