@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
 from broker.capabilities import parse_capability_list
 from broker.logs import configure_logging
+from broker.migrate import ensure_embedded_schema
 from broker.settings import Settings, get_settings
 
 
@@ -59,7 +62,6 @@ def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str 
            metrics_port: int | None) -> None:
     """Run a provider worker for some capability queues."""
     from broker.capabilities import CAPABILITIES, queue_name
-    from broker.migrate import ensure_embedded_schema
 
     try:
         caps = parse_capability_list(capabilities)
@@ -149,6 +151,20 @@ def migrate() -> None:
     click.echo(f"migrated {settings.resolved_database_url.split('://')[0]} database to head")
 
 
+@contextmanager
+def _operator_database_errors() -> Iterator[None]:
+    """Turn a database that is missing or not migrated into one line an operator can act on."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    try:
+        yield
+    except (OperationalError, ProgrammingError) as exc:
+        raise click.ClickException(
+            f"the database is unreachable or not migrated ({type(exc.orig).__name__}); check "
+            "MOLAR_LLM_DATABASE_URL and run `molar-llm migrate`"
+        ) from None
+
+
 @main.command("rotate-keys")
 def rotate_keys() -> None:
     """Re-encrypt every stored credential under the newest MOLAR_LLM_ENCRYPTION_KEYS key."""
@@ -158,8 +174,10 @@ def rotate_keys() -> None:
     settings = get_settings()
     _secure_start(settings)
     configure_logging(settings.log_level, settings.log_format)
+    ensure_embedded_schema(settings)
     try:
-        count = rotate_stored_keys(settings)
+        with _operator_database_errors():
+            count = rotate_stored_keys(settings)
     except ConfigurationError as exc:
         raise click.ClickException(exc.message + "; nothing was changed") from None
     click.echo(f"re-encrypted {count} stored credential(s) under the newest key; keys after "
@@ -192,8 +210,10 @@ def retry(org: str | None, batch: str | None, capability: str | None, error_code
         raise click.UsageError(str(exc)) from None
     settings = get_settings()
     configure_logging("WARNING", settings.log_format)
-    for line in run_retry(settings, where, dry_run=dry_run):
-        click.echo(line)
+    ensure_embedded_schema(settings)
+    with _operator_database_errors():
+        for line in run_retry(settings, where, dry_run=dry_run):
+            click.echo(line)
 
 
 @main.command()
