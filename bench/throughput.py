@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 SERVICE_KEY = "bench-service-key-0123456789"
+# The same OpenAI chat call the bare Celery task makes.
+SAME_CALL = {"planner": {"provider_integration_id": "molar-managed", "model": "gpt-4.1-mini"}}
 
 
 def rss_mb(pid: int) -> float:
@@ -99,7 +101,7 @@ class BrokerSide:
         items = [{"custom_id": f"j{i}", "capability": "planner", "request": {
             "messages": [{"role": "user", "content": f"bench job {i}"}]}} for i in range(jobs)]
         started = time.perf_counter()
-        batch = self.http.post("/v1/batches", json={"items": items})
+        batch = self.http.post("/v1/batches", json={"items": items, "model_routing": SAME_CALL})
         batch.raise_for_status()
         batch_id = batch.json()["id"]
         while True:
@@ -185,8 +187,10 @@ def drain_memory(items: int, workdir: Path) -> dict[str, Any]:
     worker_pid = broker.worker.pid
     samples: list[tuple[float, float, float, int]] = []
     try:
-        payload = {"items": [{"custom_id": f"j{i}", "capability": "planner", "request": {
-            "messages": [{"role": "user", "content": f"drain job {i}"}]}} for i in range(items)]}
+        payload = {"model_routing": SAME_CALL, "items": [
+            {"custom_id": f"j{i}", "capability": "planner", "request": {
+                "messages": [{"role": "user", "content": f"drain job {i}"}]}}
+            for i in range(items)]}
         before = (rss_mb(api_pid), rss_mb(worker_pid))
         started = time.perf_counter()
         batch_id = broker.http.post("/v1/batches", json=payload).json()["id"]
