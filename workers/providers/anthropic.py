@@ -22,6 +22,7 @@ from workers.errors import (
 )
 from workers.providers import anthropic_translate as translate
 from workers.providers.base import CallKind, Credential, ProviderResponse, TokenUsage
+from workers.providers.http import PooledHttp
 from workers.providers.openai_compat import retry_after_s
 from workers.redaction import redact
 
@@ -39,17 +40,11 @@ class AnthropicProvider:
     def __init__(self, *, catalog: Catalog, connect_timeout_s: float, read_timeout_s: float,
                  max_connections: int):
         self._catalog = catalog
-        self._read_timeout_s = read_timeout_s
-        self._connect_timeout_s = connect_timeout_s
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-        )
+        self._http = PooledHttp(connect_timeout_s=connect_timeout_s,
+                                read_timeout_s=read_timeout_s, max_connections=max_connections)
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
 
     def call(
         self,
@@ -96,26 +91,13 @@ class AnthropicProvider:
 
     def _send(self, url: str, body: dict[str, Any], credential: Credential,
               deadline_s: float) -> httpx.Response:
-        timeout = httpx.Timeout(
-            min(self._read_timeout_s, deadline_s), connect=min(self._connect_timeout_s, deadline_s)
-        )
         headers = {
             "x-api-key": credential.api_key,
             "anthropic-version": API_VERSION,
             "content-type": "application/json",
         }
-        try:
-            return self._client.post(url, content=orjson.dumps(body), headers=headers,
-                                     timeout=timeout)
-        except httpx.TimeoutException as exc:
-            raise RetryableProviderError(
-                f"provider did not answer within {deadline_s:.1f}s ({type(exc).__name__})",
-                code="provider_timeout",
-            ) from None
-        except httpx.TransportError as exc:
-            message = redact(f"cannot reach the provider: {type(exc).__name__}: {exc}",
-                             [credential.api_key])
-            raise RetryableProviderError(message, code="provider_unreachable") from None
+        return self._http.post_json(url, body, headers, api_key=credential.api_key,
+                                    deadline_s=deadline_s)
 
 
 def token_usage(usage: dict[str, Any]) -> TokenUsage:

@@ -11,6 +11,7 @@ import orjson
 
 from workers.errors import ProviderError, RetryableProviderError, classify_status
 from workers.providers.base import CallKind, Credential, ProviderResponse, TokenUsage
+from workers.providers.http import PooledHttp
 from workers.redaction import redact
 
 PATHS: dict[CallKind, str] = {"chat": "/chat/completions", "embedding": "/embeddings"}
@@ -23,17 +24,11 @@ class OpenAICompatibleProvider:
     name = "openai"
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int):
-        self._read_timeout_s = read_timeout_s
-        self._connect_timeout_s = connect_timeout_s
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-        )
+        self._http = PooledHttp(connect_timeout_s=connect_timeout_s,
+                                read_timeout_s=read_timeout_s, max_connections=max_connections)
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
 
     def call(
         self,
@@ -71,51 +66,12 @@ class OpenAICompatibleProvider:
     def _send(
         self, url: str, body: dict[str, Any], credential: Credential, deadline_s: float
     ) -> httpx.Response:
-        # httpx timeouts apply per read, so each read may wait at most the deadline and the body
-        # is read in chunks against the deadline of the whole attempt: a silent upstream, or one
-        # that stalls mid-body, ends the attempt on time instead of holding a worker slot.
-        ends_at = time.monotonic() + deadline_s
-        timeout = httpx.Timeout(
-            min(self._read_timeout_s, deadline_s), connect=min(self._connect_timeout_s, deadline_s)
-        )
         headers = {
             "Authorization": f"Bearer {credential.api_key}",
             "Content-Type": "application/json",
         }
-        try:
-            with self._client.stream(
-                "POST", url, content=orjson.dumps(body), headers=headers, timeout=timeout
-            ) as response:
-                content = _read_before(response, ends_at, deadline_s)
-        except httpx.TimeoutException as exc:
-            raise _timeout(deadline_s, type(exc).__name__) from None
-        except httpx.TransportError as exc:
-            message = redact(f"cannot reach the provider: {type(exc).__name__}: {exc}",
-                             [credential.api_key])
-            raise RetryableProviderError(message, code="provider_unreachable") from None
-        # The body is already decoded: drop the headers that described its wire form.
-        kept = [(k, v) for k, v in response.headers.multi_items()
-                if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
-        return httpx.Response(response.status_code, headers=kept, content=content,
-                              request=response.request)
-
-
-def _read_before(response: httpx.Response, ends_at: float, deadline_s: float) -> bytes:
-    chunks: list[bytes] = []
-    for chunk in response.iter_bytes():
-        chunks.append(chunk)
-        if time.monotonic() > ends_at:
-            raise _timeout(deadline_s, "body still arriving at the deadline")
-    if time.monotonic() > ends_at:
-        raise _timeout(deadline_s, "body complete only after the deadline")
-    return b"".join(chunks)
-
-
-def _timeout(deadline_s: float, detail: str) -> RetryableProviderError:
-    return RetryableProviderError(
-        f"provider did not answer within the attempt deadline of {deadline_s:.1f}s ({detail})",
-        code="provider_timeout",
-    )
+        return self._http.post_json(url, body, headers, api_key=credential.api_key,
+                                    deadline_s=deadline_s)
 
 
 def parse_usage(payload: dict[str, Any]) -> TokenUsage | None:
