@@ -7,13 +7,12 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from broker.api.auth import CurrentPrincipal, State
 from broker.api.guards import NoRawCredentials
 from broker.api.responses import JSON
-from broker.idempotency import make_claim
+from broker.api.submission import submit
 from broker.schemas import BatchSubmission
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -28,16 +27,11 @@ async def submit_batch(
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
     org = principal.org_id
-    if idempotency_key is None:
-        view = await run_in_threadpool(state.jobs.submit_batch, org, body)
-        return JSON(view, status_code=202)
-    claim = make_claim(org, idempotency_key, "batch", body)
-    view, status = await run_in_threadpool(
-        state.submissions.submit, claim,
-        lambda record: state.jobs.submit_batch(org, body, record=record),
-        lambda resource_id: state.jobs.get_batch(org, resource_id),
+    return await submit(
+        state, org, idempotency_key, "batch", body,
+        create=lambda record: state.jobs.submit_batch(org, body, record=record),
+        read=lambda resource_id: state.jobs.get_batch(org, resource_id),
     )
-    return JSON(view, status_code=status)
 
 
 @router.get("/{batch_id}")

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
-from fastapi.concurrency import run_in_threadpool
 
 from broker.api.auth import CurrentPrincipal, State
 from broker.api.guards import NoRawCredentials
 from broker.api.responses import JSON
-from broker.idempotency import make_claim
+from broker.api.submission import submit
 from broker.schemas import JobSubmission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -25,16 +24,11 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
     org = principal.org_id
-    if idempotency_key is None:
-        view = await run_in_threadpool(state.jobs.submit_job, org, body)
-        return JSON(view, status_code=202)
-    claim = make_claim(org, idempotency_key, "job", body)
-    view, status = await run_in_threadpool(
-        state.submissions.submit, claim,
-        lambda record: state.jobs.submit_job(org, body, record=record),
-        lambda resource_id: state.jobs.get_job(org, resource_id),
+    return await submit(
+        state, org, idempotency_key, "job", body,
+        create=lambda record: state.jobs.submit_job(org, body, record=record),
+        read=lambda resource_id: state.jobs.get_job(org, resource_id),
     )
-    return JSON(view, status_code=status)
 
 
 @router.get("/{job_id}")
