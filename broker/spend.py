@@ -6,19 +6,38 @@ stays within the cap, so concurrent workers cannot overrun it. ``settle`` swaps 
 the actual cost inside the transaction that writes the usage event; ``release`` drops it
 when the attempt fails. All three are idempotent per (job, attempt). BYOK routes bypass it.
 
+The period row is every job's meeting point, so it is touched as little and as late as
+possible: changes that need no cap check (settling, releasing, holding for an org without a
+cap) are summed per row in the session and applied by one UPDATE just before COMMIT, so the
+row lock lasts one statement and a commit, whatever else the transaction does. Deferring
+them only makes a cap check in the same transaction see more reserved than there is.
+
 Amounts are integers of 1e-10 USD (the ledger's precision), exact on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import String, and_, cast, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    String,
+    Table,
+    and_,
+    bindparam,
+    cast,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.catalog import Catalog
@@ -33,6 +52,10 @@ log = logging.getLogger(__name__)
 
 E10 = Decimal(10) ** 10
 RESERVED, SETTLED, RELEASED = "reserved", "settled", "released"
+#: ``session.info`` keys: period-row changes waiting for COMMIT, and caps read in this
+#: transaction.
+_PENDING = "molar.spend.pending"
+_CAPS = "molar.spend.caps"
 
 
 class DispatchedJob(Protocol):
@@ -95,6 +118,9 @@ class SpendLedger:
     def __init__(self, sessions: sessionmaker[Session], catalog: Catalog):
         self._sessions = sessions
         self._catalog = catalog
+        # Period rows seen committed; they are never deleted, so a hit skips the insert
+        # (whose conflict check would wait on every transaction holding the row).
+        self._known_periods: set[tuple[str, date]] = set()
 
     # -- reading ------------------------------------------------------------------------
 
@@ -117,13 +143,32 @@ class SpendLedger:
 
     # -- the three steps of a hosted attempt ---------------------------------------------
 
+    def hold(self, session: Session, job: DispatchedJob, now: datetime | None = None) -> bool:
+        """In the transaction that claims a new attempt: hold its cost bound if the cap
+        admits it. False leaves nothing written; :meth:`reserve` then frees orphaned holds,
+        tries again and explains a refusal."""
+        if job.route.billing_kind != "hosted":
+            return True
+        now = now or utcnow()
+        estimate_e10 = self._estimate_e10(job, now)
+        start = period_start(now)
+        self._ensure_period(session, job.org_id, start, now)
+        if not _admit(session, job.org_id, start, estimate_e10, now):
+            return False
+        # A claim numbers a new attempt, so no hold of it can exist yet.
+        session.connection().execute(_INSERT_HOLD, {
+            "job_id": job.id, "attempt": job.attempt, "org_id": job.org_id,
+            "period_start": start, "state": RESERVED, "estimate_usd_e10": estimate_e10,
+            "created_at": now,
+        })
+        return True
+
     def reserve(self, job: DispatchedJob, now: datetime | None = None) -> None:
         """Hold an upper bound of the attempt's cost; raise SpendCapExceeded if it won't fit."""
         if job.route.billing_kind != "hosted":
             return
         now = now or utcnow()
-        model = self._catalog.get(job.route.model)
-        estimate_e10 = to_e10(cost_bound(model, now, job.request), rounding=ROUND_CEILING)
+        estimate_e10 = self._estimate_e10(job, now)
         start = period_start(now)
         if self._try_reserve(job, start, estimate_e10, now):
             return
@@ -193,11 +238,24 @@ class SpendLedger:
 
     # -- internals ----------------------------------------------------------------------
 
+    def _estimate_e10(self, job: DispatchedJob, now: datetime) -> int:
+        model = self._catalog.get(job.route.model)
+        return to_e10(cost_bound(model, now, job.request), rounding=ROUND_CEILING)
+
+    def _ensure_period(self, session: Session, org_id: str, start: date,
+                       now: datetime) -> None:
+        key = (org_id, start)
+        if key in self._known_periods:
+            return
+        if not _ensure_period(session, org_id, start, now):
+            # Not inserted: it is there, committed (a conflict waits for the inserter).
+            self._known_periods.add(key)
+
     def _try_reserve(self, job: DispatchedJob, start: date, estimate_e10: int,
                      now: datetime) -> bool:
         try:
             with transaction(self._sessions) as session:
-                _ensure_period(session, job.org_id, start, now)
+                self._ensure_period(session, job.org_id, start, now)
                 inserted = insert_ignoring_conflicts(session, SpendReservation.__table__, {  # type: ignore[arg-type]
                     "job_id": job.id, "attempt": job.attempt, "org_id": job.org_id,
                     "period_start": start, "state": RESERVED,
@@ -215,7 +273,7 @@ class SpendLedger:
                            now: datetime) -> None:
         # An attempt that never reserved (e.g. recovered after a crash): record and count it.
         start = period_start(now)
-        _ensure_period(session, job.org_id, start, now)
+        self._ensure_period(session, job.org_id, start, now)
         inserted = insert_ignoring_conflicts(session, SpendReservation.__table__, {  # type: ignore[arg-type]
             "job_id": job.id, "attempt": job.attempt, "org_id": job.org_id,
             "period_start": start, "state": SETTLED, "estimate_usd_e10": 0,
@@ -239,16 +297,53 @@ class _Attempt(Protocol):
     def attempt(self) -> int: ...
 
 
+_periods = typing.cast(Table, SpendPeriod.__table__)
+_holds = typing.cast(Table, SpendReservation.__table__)
+# Read as text: SQLite keeps NUMERIC as a float, and its text form is the exact input.
+_READ_CAP = select(cast(OrgSettings.spend_cap_usd, String)).where(
+    OrgSettings.org_id == bindparam("org_id"))
+_INSERT_HOLD = _holds.insert()
+_MOVE = (
+    update(_periods)
+    .where(_periods.c.org_id == bindparam("b_org_id"),
+           _periods.c.period_start == bindparam("b_start"))
+    .values(spent_usd_e10=_periods.c.spent_usd_e10 + bindparam("b_spent"),
+            reserved_usd_e10=_periods.c.reserved_usd_e10 + bindparam("b_reserved"),
+            updated_at=bindparam("b_now"))
+)
+_FINISH_HOLD = (
+    update(_holds)
+    .where(_holds.c.job_id == bindparam("b_job_id"), _holds.c.attempt == bindparam("b_attempt"),
+           _holds.c.state == bindparam("b_from"))
+    .values(state=bindparam("b_to"), finished_at=bindparam("b_now"),
+            cost_usd_e10=func.coalesce(bindparam("b_cost", type_=BigInteger),
+                                       _holds.c.cost_usd_e10))
+    .returning(_holds.c.period_start, _holds.c.estimate_usd_e10)
+)
+_ADMIT = (
+    update(_periods)
+    .where(_periods.c.org_id == bindparam("b_org_id"),
+           _periods.c.period_start == bindparam("b_start"),
+           _periods.c.spent_usd_e10 + _periods.c.reserved_usd_e10 + bindparam("b_estimate")
+           <= bindparam("b_cap"))
+    .values(reserved_usd_e10=_periods.c.reserved_usd_e10 + bindparam("b_estimate"),
+            updated_at=bindparam("b_now"))
+    .returning(_periods.c.org_id)
+)
+
+
 def _read_cap(session: Session, org_id: str) -> Decimal | None:
-    # Read as text: SQLite keeps NUMERIC as a float, and its text form is the exact input.
-    text = session.scalar(
-        select(cast(OrgSettings.spend_cap_usd, String)).where(OrgSettings.org_id == org_id)
-    )
-    return Decimal(text) if text is not None else None
+    """The org's cap, read once per transaction."""
+    caps: dict[str, Decimal | None] = session.info.setdefault(_CAPS, {})
+    if org_id not in caps:
+        text = session.connection().execute(_READ_CAP, {"org_id": org_id}).scalar()
+        caps[org_id] = Decimal(text) if text is not None else None
+    return caps[org_id]
 
 
-def _ensure_period(session: Session, org_id: str, start: date, now: datetime) -> None:
-    insert_ignoring_conflicts(session, SpendPeriod.__table__, {  # type: ignore[arg-type]
+def _ensure_period(session: Session, org_id: str, start: date, now: datetime) -> bool:
+    """Create the period row if missing; True when this call created it."""
+    return insert_ignoring_conflicts(session, _periods, {
         "org_id": org_id, "period_start": start, "spent_usd_e10": 0, "reserved_usd_e10": 0,
         "updated_at": now,
     }, ("org_id", "period_start"))
@@ -270,45 +365,57 @@ def _rearm(session: Session, job: DispatchedJob, start: date, estimate_e10: int,
 
 def _admit(session: Session, org_id: str, start: date, estimate_e10: int,
            now: datetime) -> bool:
-    """The one atomic statement: add the hold only if spent + reserved + it fits the cap."""
+    """The one atomic statement: add the hold only if spent + reserved + it fits the cap.
+
+    Without a cap there is nothing to check, and the hold joins the changes applied at
+    COMMIT."""
     cap = _read_cap(session, org_id)
-    stmt = (
-        update(SpendPeriod)
-        .where(SpendPeriod.org_id == org_id, SpendPeriod.period_start == start)
-        .values(reserved_usd_e10=SpendPeriod.reserved_usd_e10 + estimate_e10, updated_at=now)
-    )
-    if cap is not None:
-        stmt = stmt.where(
-            SpendPeriod.spent_usd_e10 + SpendPeriod.reserved_usd_e10 + estimate_e10
-            <= to_e10(cap, rounding=ROUND_HALF_UP)
-        )
-    return session.execute(stmt.returning(SpendPeriod.org_id)).first() is not None
+    if cap is None:
+        _move(session, org_id, start, spent_e10=0, reserved_e10=estimate_e10, now=now)
+        return True
+    return session.connection().execute(_ADMIT, {
+        "b_org_id": org_id, "b_start": start, "b_estimate": estimate_e10,
+        "b_cap": to_e10(cap, rounding=ROUND_HALF_UP), "b_now": now,
+    }).first() is not None
 
 
 def _finish(session: Session, job: _Attempt, from_state: str, to_state: str, now: datetime,
             cost_e10: int | None) -> tuple[date, int] | None:
     """Move a hold between states; (period, estimate) when this call made the move."""
-    values: dict[str, Any] = {"state": to_state, "finished_at": now}
-    if cost_e10 is not None:
-        values["cost_usd_e10"] = cost_e10
-    row = session.execute(
-        update(SpendReservation)
-        .where(SpendReservation.job_id == job.id, SpendReservation.attempt == job.attempt,
-               SpendReservation.state == from_state)
-        .values(**values)
-        .returning(SpendReservation.period_start, SpendReservation.estimate_usd_e10)
-    ).one_or_none()
+    row = session.connection().execute(_FINISH_HOLD, {
+        "b_job_id": job.id, "b_attempt": job.attempt, "b_from": from_state, "b_to": to_state,
+        "b_now": now, "b_cost": cost_e10,
+    }).one_or_none()
     return (row.period_start, row.estimate_usd_e10) if row is not None else None
 
 
 def _move(session: Session, org_id: str, start: date, *, spent_e10: int, reserved_e10: int,
           now: datetime) -> None:
-    session.execute(
-        update(SpendPeriod)
-        .where(SpendPeriod.org_id == org_id, SpendPeriod.period_start == start)
-        .values(spent_usd_e10=SpendPeriod.spent_usd_e10 + spent_e10,
-                reserved_usd_e10=SpendPeriod.reserved_usd_e10 + reserved_e10, updated_at=now)
-    )
+    """Add to the period row's totals when this transaction commits."""
+    pending: dict[tuple[str, date], list[Any]] = session.info.setdefault(_PENDING, {})
+    totals = pending.setdefault((org_id, start), [0, 0, now])
+    totals[0] += spent_e10
+    totals[1] += reserved_e10
+    totals[2] = max(totals[2], now)
+
+
+@event.listens_for(Session, "before_commit")
+def _apply_pending(session: Session) -> None:
+    """One UPDATE per touched period row, in key order (so two committers cannot deadlock
+    on each other's rows), as the last statements before COMMIT."""
+    pending = session.info.pop(_PENDING, None)
+    session.info.pop(_CAPS, None)
+    for (org_id, start), (spent, reserved, now) in sorted(pending.items()) if pending else ():
+        if spent or reserved:
+            session.connection().execute(_MOVE, {"b_org_id": org_id, "b_start": start,
+                                                 "b_spent": spent, "b_reserved": reserved,
+                                                 "b_now": now})
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_pending(session: Session) -> None:
+    session.info.pop(_PENDING, None)
+    session.info.pop(_CAPS, None)
 
 
 def _cap_message(snap: SpendSnapshot, capabilities: list[str],

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.capabilities import EMBEDDING_CAPABILITIES
@@ -47,6 +47,71 @@ from workers.redaction import redact
 
 log = logging.getLogger(__name__)
 
+# The hot statements, built once on the tables (not the ORM classes): a job runs each a few
+# times, and per-call construction and the ORM's bulk-update bookkeeping cost more CPU than
+# the round trip.
+_jobs = cast(Table, Job.__table__)
+_attempts = cast(Table, Attempt.__table__)
+_CLAIM = (
+    update(_jobs)
+    .where(
+        _jobs.c.id == bindparam("b_id"),
+        or_(
+            _jobs.c.status == "queued",
+            and_(_jobs.c.status == "retrying",
+                 or_(_jobs.c.due_at.is_(None), _jobs.c.due_at <= bindparam("b_now"))),
+            # The worker holding it died: its lease ran out.
+            and_(_jobs.c.status == "running", _jobs.c.lease_expires_at < bindparam("b_now")),
+        ),
+    )
+    .values(
+        status="running",
+        attempts=_jobs.c.attempts + 1,
+        started_at=func.coalesce(_jobs.c.started_at, bindparam("b_now")),
+        lease_owner=bindparam("b_worker"),
+        lease_expires_at=bindparam("b_lease"),
+        due_at=None,
+        published_at=None,
+    )
+    .returning(_jobs.c.org_id, _jobs.c.run_id, _jobs.c.capability, _jobs.c.request,
+               _jobs.c.route, _jobs.c.attempts, _jobs.c.attempt_floor,
+               _jobs.c.cancel_requested, _jobs.c.created_at)
+)
+_INSERT_ATTEMPT = _attempts.insert()
+_MARK_LOST = (
+    update(_attempts)
+    .where(_attempts.c.job_id == bindparam("b_job_id"),
+           _attempts.c.number < bindparam("b_number"), _attempts.c.outcome == "running")
+    .values(outcome="lost", finished_at=bindparam("b_now"), error_code="worker_lost")
+)
+_END_ATTEMPT = (
+    update(_attempts)
+    .where(_attempts.c.job_id == bindparam("b_job_id"),
+           _attempts.c.number == bindparam("b_number"))
+    .values(finished_at=bindparam("b_now"), outcome=bindparam("b_outcome"),
+            provider_status=bindparam("b_provider_status"),
+            latency_ms=bindparam("b_latency_ms"), error_code=bindparam("b_error_code"),
+            result=bindparam("b_result", type_=_attempts.c.result.type),
+            usage=bindparam("b_usage", type_=_attempts.c.usage.type))
+)
+_DROP_KEPT_ANSWER = (
+    update(_attempts)
+    .where(_attempts.c.job_id == bindparam("b_job_id"),
+           _attempts.c.number == bindparam("b_number"))
+    .values(result=None)
+)
+_FINISH_JOB = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("b_id"), _jobs.c.attempts == bindparam("b_claimed"),
+           _jobs.c.status == "running")
+    .values(status=bindparam("b_status"),
+            result=bindparam("b_result", type_=_jobs.c.result.type),
+            usage=bindparam("b_usage", type_=_jobs.c.usage.type),
+            error=bindparam("b_error", type_=_jobs.c.error.type),
+            attempts=bindparam("b_attempts"), finished_at=bindparam("b_now"),
+            lease_owner=None, lease_expires_at=None)
+)
+
 
 @dataclass(frozen=True)
 class ClaimedJob:
@@ -60,6 +125,13 @@ class ClaimedJob:
     attempt_floor: int
     cancel_requested: bool
     created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class _Claim:
+    job: ClaimedJob
+    stored: StoredAnswer | None  # an answer kept by an earlier attempt: finish from it
+    held: bool  # the claim also holds this attempt's spend (or it needs none)
 
 
 @dataclass(frozen=True)
@@ -110,13 +182,13 @@ class JobRunner:
         if claimed is None:
             self._log_dropped(job_id)
             return
-        job, stored = claimed
         try:
-            self._process(job, stored)
+            self._process(claimed)
         finally:
-            self._on_finished(job.id)
+            self._on_finished(job_id)
 
-    def _process(self, job: ClaimedJob, stored: StoredAnswer | None) -> None:
+    def _process(self, claimed: _Claim) -> None:
+        job, stored = claimed.job, claimed.stored
         if stored is not None:
             log.info("job %s finishing from the stored answer of attempt=%d (no provider call)",
                      job.id, stored.attempt)
@@ -126,7 +198,7 @@ class JobRunner:
         if refusal is not None:
             self._fail(job, refusal, 0.0)
             return
-        self._attempt(job)
+        self._attempt(job, held=claimed.held)
 
     def _refusal(self, job: ClaimedJob) -> ProviderError | None:
         """Why a claimed job must end without a provider call, if it must."""
@@ -142,7 +214,7 @@ class JobRunner:
                 code="worker_lost")
         return None
 
-    def _attempt(self, job: ClaimedJob) -> None:
+    def _attempt(self, job: ClaimedJob, *, held: bool) -> None:
         """Call the provider once; keep the answer, then bill and finish, or record the failure."""
         deadline_s = self._policies.for_capability(job.capability).attempt_deadline_s
         log.info("job %s running attempt=%d org=%s capability=%s route=%s/%s", job.id,
@@ -151,7 +223,8 @@ class JobRunner:
         started = time.perf_counter()
         with observe.running(job):
             try:
-                self._reserve(job)
+                if not held:
+                    self._reserve(job)
                 response = self._call(job, deadline_s)
             except ProviderError as exc:
                 self._fail(job, exc, (time.perf_counter() - started) * 1000)
@@ -162,35 +235,15 @@ class JobRunner:
 
     # -- claim --------------------------------------------------------------------------
 
-    def _claim(self, job_id: str) -> tuple[ClaimedJob, StoredAnswer | None] | None:
+    def _claim(self, job_id: str) -> _Claim | None:
+        """Lease the job and number a new attempt; for a fresh attempt that will run, hold
+        its spend in the same transaction."""
         now = utcnow()
-        stmt = (
-            update(Job)
-            .where(
-                Job.id == job_id,
-                or_(
-                    Job.status == "queued",
-                    and_(Job.status == "retrying",
-                         or_(Job.due_at.is_(None), Job.due_at <= now)),
-                    # The worker holding it died: its lease ran out.
-                    and_(Job.status == "running", Job.lease_expires_at < now),
-                ),
-            )
-            .values(
-                status="running",
-                attempts=Job.attempts + 1,
-                started_at=func.coalesce(Job.started_at, now),
-                lease_owner=self._worker,
-                lease_expires_at=now + timedelta(seconds=self._lease_s),
-                due_at=None,
-                published_at=None,
-            )
-            .returning(Job.org_id, Job.run_id, Job.capability, Job.request, Job.route,
-                       Job.attempts, Job.attempt_floor, Job.cancel_requested, Job.created_at)
-        )
+        params = {"b_id": job_id, "b_now": now, "b_worker": self._worker,
+                  "b_lease": now + timedelta(seconds=self._lease_s)}
 
-        def claim(session: Session) -> tuple[ClaimedJob, StoredAnswer | None] | None:
-            row = session.execute(stmt).one_or_none()
+        def claim(session: Session) -> _Claim | None:
+            row = session.connection().execute(_CLAIM, params).one_or_none()
             if row is None:
                 return None
             job = ClaimedJob(job_id, row.org_id, row.run_id, row.capability, row.request,
@@ -200,23 +253,21 @@ class JobRunner:
             if job.attempt > 1:  # only a job that ran before can have lost or kept answers
                 self._mark_lost(session, job)
                 stored = self._stored_answer(session, job_id)
-            if stored is None:
-                insert_ignoring_conflicts(session, Attempt.__table__, {  # type: ignore[arg-type]
-                    "job_id": job.id, "number": job.attempt, "worker": self._worker,
-                    "started_at": now, "outcome": "running",
-                }, ("job_id", "number"))
-            return job, stored
+            if stored is not None:
+                return _Claim(job, stored, held=False)
+            session.connection().execute(_INSERT_ATTEMPT, {
+                "job_id": job.id, "number": job.attempt, "worker": self._worker,
+                "started_at": now, "outcome": "running",
+            })
+            held = self._refusal(job) is None and self._spend.hold(session, job, now)
+            return _Claim(job, None, held)
 
         return self._commits.run(claim)
 
     def _mark_lost(self, session: Session, job: ClaimedJob) -> None:
         """Earlier attempts still marked running had their worker die under them."""
-        session.execute(
-            update(Attempt)
-            .where(Attempt.job_id == job.id, Attempt.number < job.attempt,
-                   Attempt.outcome == "running")
-            .values(outcome="lost", finished_at=utcnow(), error_code="worker_lost")
-        )
+        session.connection().execute(_MARK_LOST, {"b_job_id": job.id, "b_number": job.attempt,
+                                                  "b_now": utcnow()})
 
     def _stored_answer(self, session: Session, job_id: str) -> StoredAnswer | None:
         row = session.execute(
@@ -252,7 +303,8 @@ class JobRunner:
     # -- the call -----------------------------------------------------------------------
 
     def _reserve(self, job: ClaimedJob) -> None:
-        """Hold the hosted spend this call may cost; a refusal fails the job, uncalled."""
+        """When the claim could not hold the spend this call may cost: free orphaned holds
+        and try again; a refusal fails the job, uncalled."""
         try:
             self._spend.reserve(job)
         except SpendCapExceeded as exc:
@@ -314,11 +366,8 @@ class JobRunner:
             self._spend.settle(session, dataclasses.replace(job, attempt=answer.attempt),
                                usage.cost_usd, utcnow())
             if finished:
-                session.execute(
-                    update(Attempt).where(Attempt.job_id == job.id,
-                                          Attempt.number == answer.attempt)
-                    .values(result=None)
-                )
+                session.connection().execute(_DROP_KEPT_ANSWER, {"b_job_id": job.id,
+                                                                 "b_number": answer.attempt})
 
         self._commits.run(write)
         log.info("job %s succeeded attempt=%d duration_ms=%.1f tokens_in=%d tokens_out=%d",
@@ -376,21 +425,22 @@ class JobRunner:
         if decision.retry:
             due = now + timedelta(seconds=decision.delay_s)
             values: dict[str, Any] = {
-                "status": case((Job.cancel_requested, "cancelled"), else_="retrying"),
-                "due_at": case((Job.cancel_requested, None), else_=due),
-                "finished_at": case((Job.cancel_requested, now), else_=None),
+                "status": case((_jobs.c.cancel_requested, "cancelled"), else_="retrying"),
+                "due_at": case((_jobs.c.cancel_requested, None), else_=due),
+                "finished_at": case((_jobs.c.cancel_requested, now), else_=None),
             }
         else:
             values = {
-                "status": case((Job.cancel_requested, "cancelled"), else_="failed"),
+                "status": case((_jobs.c.cancel_requested, "cancelled"), else_="failed"),
                 "due_at": None, "finished_at": now,
             }
         row = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.attempts == job.attempt, Job.status == "running")
+            update(_jobs)
+            .where(_jobs.c.id == job.id, _jobs.c.attempts == job.attempt,
+                   _jobs.c.status == "running")
             .values(error=decision.error, published_at=None, lease_owner=None,
                     lease_expires_at=None, **values)
-            .returning(Job.status)
+            .returning(_jobs.c.status)
         ).one_or_none()
         return None if row is None else str(row.status)
 
@@ -400,22 +450,18 @@ class JobRunner:
                      provider_status: int | None, elapsed_ms: float, error_code: str | None,
                      *, result: dict[str, Any] | None = None,
                      usage: dict[str, Any] | None = None) -> None:
-        session.execute(
-            update(Attempt)
-            .where(Attempt.job_id == job_id, Attempt.number == number)
-            .values(finished_at=utcnow(), outcome=outcome, provider_status=provider_status,
-                    latency_ms=round(elapsed_ms, 3), error_code=error_code, result=result,
-                    usage=usage)
-        )
+        session.connection().execute(_END_ATTEMPT, {
+            "b_job_id": job_id, "b_number": number, "b_now": utcnow(), "b_outcome": outcome,
+            "b_provider_status": provider_status, "b_latency_ms": round(elapsed_ms, 3),
+            "b_error_code": error_code, "b_result": result, "b_usage": usage,
+        })
 
     def _finish(self, session: Session, job: ClaimedJob, *, status: str,
                 result: dict[str, Any] | None, usage: dict[str, Any] | None,
                 error: dict[str, Any] | None, attempts: int) -> bool:
         """Finish the job if this claim still holds it; True when it did."""
-        done = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.attempts == job.attempt, Job.status == "running")
-            .values(status=status, result=result, usage=usage, error=error, attempts=attempts,
-                    finished_at=utcnow(), lease_owner=None, lease_expires_at=None)
-        )
+        done = session.connection().execute(_FINISH_JOB, {
+            "b_id": job.id, "b_claimed": job.attempt, "b_status": status, "b_result": result,
+            "b_usage": usage, "b_error": error, "b_attempts": attempts, "b_now": utcnow(),
+        })
         return bool(getattr(done, "rowcount", 0))
