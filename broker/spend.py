@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
@@ -147,21 +147,32 @@ class SpendLedger:
         """In the transaction that claims a new attempt: hold its cost bound if the cap
         admits it. False leaves nothing written; :meth:`reserve` then frees orphaned holds,
         tries again and explains a refusal."""
-        if job.route.billing_kind != "hosted":
-            return True
+        return self.hold_many(session, [job], now)[0]
+
+    def hold_many(self, session: Session, jobs: Sequence[DispatchedJob],
+                  now: datetime | None = None) -> list[bool]:
+        """:meth:`hold` for several new attempts, with one insert for all their holds."""
         now = now or utcnow()
-        estimate_e10 = self._estimate_e10(job, now)
         start = period_start(now)
-        self._ensure_period(session, job.org_id, start, now)
-        if not _admit(session, job.org_id, start, estimate_e10, now):
-            return False
-        # A claim numbers a new attempt, so no hold of it can exist yet.
-        session.connection().execute(_INSERT_HOLD, {
-            "job_id": job.id, "attempt": job.attempt, "org_id": job.org_id,
-            "period_start": start, "state": RESERVED, "estimate_usd_e10": estimate_e10,
-            "created_at": now,
-        })
-        return True
+        admitted: list[bool] = []
+        holds: list[dict[str, Any]] = []
+        for job in jobs:
+            if job.route.billing_kind != "hosted":
+                admitted.append(True)
+                continue
+            estimate_e10 = self._estimate_e10(job, now)
+            self._ensure_period(session, job.org_id, start, now)
+            if not _admit(session, job.org_id, start, estimate_e10, now):
+                admitted.append(False)
+                continue
+            admitted.append(True)
+            # A claim numbers a new attempt, so no hold of it can exist yet.
+            holds.append({"job_id": job.id, "attempt": job.attempt, "org_id": job.org_id,
+                          "period_start": start, "state": RESERVED,
+                          "estimate_usd_e10": estimate_e10, "created_at": now})
+        if holds:
+            session.connection().execute(_INSERT_HOLD, holds)
+        return admitted
 
     def reserve(self, job: DispatchedJob, now: datetime | None = None) -> None:
         """Hold an upper bound of the attempt's cost; raise SpendCapExceeded if it won't fit."""
@@ -188,20 +199,38 @@ class SpendLedger:
     def settle(self, session: Session, job: DispatchedJob, cost_usd: Decimal,
                now: datetime | None = None) -> None:
         """Replace the attempt's hold by its actual cost, in the caller's transaction."""
-        if job.route.billing_kind != "hosted":
-            return
+        self.settle_many(session, [(job, cost_usd)], now)
+
+    def settle_many(self, session: Session, calls: Sequence[tuple[DispatchedJob, Decimal]],
+                    now: datetime | None = None) -> None:
+        """:meth:`settle` for several attempts: one read of their holds, one batch of
+        updates."""
         now = now or utcnow()
-        cost_e10 = to_e10(cost_usd)
-        held = _finish(session, job, RESERVED, SETTLED, now, cost_e10)
-        if held is not None:
-            _move(session, job.org_id, held[0], spent_e10=cost_e10, reserved_e10=-held[1], now=now)
+        hosted = [(job, to_e10(cost)) for job, cost in calls
+                  if job.route.billing_kind == "hosted"]
+        if not hosted:
             return
-        # Released meanwhile (orphan sweep): the call still happened, so it still counts.
-        held = _finish(session, job, RELEASED, SETTLED, now, cost_e10)
-        if held is not None:
-            _move(session, job.org_id, held[0], spent_e10=cost_e10, reserved_e10=0, now=now)
-            return
-        self._settle_unreserved(session, job, cost_e10, now)
+        conn = session.connection()
+        # Locked, so an orphan sweep cannot release a hold between this read and the update.
+        found = {(row.job_id, row.attempt): row for row in conn.execute(
+            _READ_HOLDS, {"b_job_ids": sorted({job.id for job, _ in hosted})})}
+        updates: list[dict[str, Any]] = []
+        for job, cost_e10 in hosted:
+            row = found.get((job.id, job.attempt))
+            if row is None:
+                self._settle_unreserved(session, job, cost_e10, now)
+                continue
+            if row.state == SETTLED:
+                continue  # settled before: the call counts once
+            # A hold released meanwhile (orphan sweep) no longer counts as reserved, but the
+            # call still happened, so its cost still counts.
+            held_e10 = row.estimate_usd_e10 if row.state == RESERVED else 0
+            updates.append({"b_job_id": job.id, "b_attempt": job.attempt, "b_from": row.state,
+                            "b_to": SETTLED, "b_now": now, "b_cost": cost_e10})
+            _move(session, job.org_id, row.period_start, spent_e10=cost_e10,
+                  reserved_e10=-held_e10, now=now)
+        if updates:
+            conn.execute(_SET_HOLD_STATE, updates)
 
     def release(self, session: Session, job: DispatchedJob, now: datetime | None = None) -> None:
         """Drop the attempt's hold (it failed before costing anything), in the caller's
@@ -319,6 +348,19 @@ _FINISH_HOLD = (
             cost_usd_e10=func.coalesce(bindparam("b_cost", type_=BigInteger),
                                        _holds.c.cost_usd_e10))
     .returning(_holds.c.period_start, _holds.c.estimate_usd_e10)
+)
+_SET_HOLD_STATE = (
+    update(_holds)
+    .where(_holds.c.job_id == bindparam("b_job_id"), _holds.c.attempt == bindparam("b_attempt"),
+           _holds.c.state == bindparam("b_from"))
+    .values(state=bindparam("b_to"), finished_at=bindparam("b_now"),
+            cost_usd_e10=bindparam("b_cost"))
+)
+_READ_HOLDS = (
+    select(_holds.c.job_id, _holds.c.attempt, _holds.c.state, _holds.c.period_start,
+           _holds.c.estimate_usd_e10)
+    .where(_holds.c.job_id.in_(bindparam("b_job_ids", expanding=True)))
+    .with_for_update()
 )
 _ADMIT = (
     update(_periods)

@@ -26,6 +26,14 @@ def insert_ignoring_conflicts(
     return session.connection().execute(stmt, values).first() is not None
 
 
+def insert_ignoring_conflicts_many(
+    session: Session, table: Table, rows: list[dict[str, Any]], conflict_columns: Sequence[str]
+) -> None:
+    """Insert rows whose unique key is not there yet, in one statement (many VALUES)."""
+    stmt = _insert_ignoring(session.get_bind().dialect.name, table, tuple(conflict_columns))
+    session.connection().execute(stmt, rows)
+
+
 def _insert_ignoring(dialect: str, table: Table, conflict_columns: tuple[str, ...]) -> Insert:
     key = (dialect, table.name, conflict_columns)
     stmt = _INSERT_IGNORING.get(key)

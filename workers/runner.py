@@ -36,7 +36,7 @@ from broker.metering import MeteredUsage, estimate_usage, meter
 from broker.models import Attempt, Job, UsageEvent
 from broker.routing import Deployment, Route
 from broker.spend import SpendLedger
-from broker.sqlutil import insert_ignoring_conflicts
+from broker.sqlutil import insert_ignoring_conflicts_many
 from tasks.retry_policy import RetryDecision, RetryPolicies, decide
 from workers import observe
 from workers.credentials import CredentialResolver
@@ -52,10 +52,11 @@ log = logging.getLogger(__name__)
 # the round trip.
 _jobs = cast(Table, Job.__table__)
 _attempts = cast(Table, Attempt.__table__)
+_usage_events = cast(Table, UsageEvent.__table__)
 _CLAIM = (
     update(_jobs)
     .where(
-        _jobs.c.id == bindparam("b_id"),
+        _jobs.c.id.in_(bindparam("b_ids", expanding=True)),
         or_(
             _jobs.c.status == "queued",
             and_(_jobs.c.status == "retrying",
@@ -73,7 +74,8 @@ _CLAIM = (
         due_at=None,
         published_at=None,
     )
-    .returning(_jobs.c.org_id, _jobs.c.run_id, _jobs.c.capability, _jobs.c.request,
+    .returning(_jobs.c.id, _jobs.c.org_id, _jobs.c.run_id, _jobs.c.batch_id,
+               _jobs.c.capability, _jobs.c.request,
                _jobs.c.route, _jobs.c.attempts, _jobs.c.attempt_floor,
                _jobs.c.cancel_requested, _jobs.c.created_at)
 )
@@ -94,10 +96,13 @@ _END_ATTEMPT = (
             result=bindparam("b_result", type_=_attempts.c.result.type),
             usage=bindparam("b_usage", type_=_attempts.c.usage.type))
 )
-_DROP_KEPT_ANSWER = (
+_DROP_KEPT_ANSWERS = (
     update(_attempts)
-    .where(_attempts.c.job_id == bindparam("b_job_id"),
-           _attempts.c.number == bindparam("b_number"))
+    .where(_attempts.c.job_id.in_(bindparam("b_job_ids", expanding=True)),
+           _attempts.c.result.is_not(None),
+           select(_jobs.c.id).where(_jobs.c.id == _attempts.c.job_id,
+                                    _jobs.c.status == "succeeded",
+                                    _jobs.c.attempts == _attempts.c.number).exists())
     .values(result=None)
 )
 _FINISH_JOB = (
@@ -118,6 +123,7 @@ class ClaimedJob:
     id: str
     org_id: str
     run_id: str | None
+    batch_id: str | None
     capability: str
     request: dict[str, Any]
     route: Route
@@ -185,7 +191,10 @@ class JobRunner:
         try:
             self._process(claimed)
         finally:
-            self._on_finished(job_id)
+            # Only a job on its own can have a caller waiting on it in line (the OpenAI
+            # path); batch items are polled through their batch.
+            if claimed.job.batch_id is None:
+                self._on_finished(job_id)
 
     def _process(self, claimed: _Claim) -> None:
         job, stored = claimed.job, claimed.stored
@@ -237,32 +246,46 @@ class JobRunner:
 
     def _claim(self, job_id: str) -> _Claim | None:
         """Lease the job and number a new attempt; for a fresh attempt that will run, hold
-        its spend in the same transaction."""
-        now = utcnow()
-        params = {"b_id": job_id, "b_now": now, "b_worker": self._worker,
-                  "b_lease": now + timedelta(seconds=self._lease_s)}
+        its spend in the same transaction. Batched with the other claims waiting."""
+        return self._commits.run_step(self._claim_step, job_id)
 
-        def claim(session: Session) -> _Claim | None:
-            row = session.connection().execute(_CLAIM, params).one_or_none()
+    def _claim_step(self, session: Session, job_ids: list[str]) -> list[_Claim | None]:
+        now = utcnow()
+        conn = session.connection()
+        rows = {row.id: row for row in conn.execute(_CLAIM, {
+            "b_ids": job_ids, "b_now": now, "b_worker": self._worker,
+            "b_lease": now + timedelta(seconds=self._lease_s)})}
+        claims: list[_Claim | None] = []
+        fresh: list[ClaimedJob] = []
+        for job_id in job_ids:
+            # pop: a job whose message came twice is claimed by the first of them only.
+            row = rows.pop(job_id, None)
             if row is None:
-                return None
-            job = ClaimedJob(job_id, row.org_id, row.run_id, row.capability, row.request,
-                             Route(**row.route), row.attempts, row.attempt_floor,
+                claims.append(None)
+                continue
+            job = ClaimedJob(job_id, row.org_id, row.run_id, row.batch_id, row.capability,
+                             row.request, Route(**row.route), row.attempts, row.attempt_floor,
                              bool(row.cancel_requested), as_utc(row.created_at))
             stored = None
             if job.attempt > 1:  # only a job that ran before can have lost or kept answers
                 self._mark_lost(session, job)
                 stored = self._stored_answer(session, job_id)
             if stored is not None:
-                return _Claim(job, stored, held=False)
-            session.connection().execute(_INSERT_ATTEMPT, {
-                "job_id": job.id, "number": job.attempt, "worker": self._worker,
-                "started_at": now, "outcome": "running",
-            })
-            held = self._refusal(job) is None and self._spend.hold(session, job, now)
-            return _Claim(job, None, held)
-
-        return self._commits.run(claim)
+                claims.append(_Claim(job, stored, held=False))
+                continue
+            claims.append(_Claim(job, None, held=False))
+            fresh.append(job)
+        if fresh:
+            conn.execute(_INSERT_ATTEMPT, [
+                {"job_id": job.id, "number": job.attempt, "worker": self._worker,
+                 "started_at": now, "outcome": "running"} for job in fresh])
+            runnable = [job for job in fresh if self._refusal(job) is None]
+            held = dict(zip([job.id for job in runnable],
+                            self._spend.hold_many(session, runnable, now), strict=True))
+            claims = [claim if claim is None or claim.stored is not None
+                      else dataclasses.replace(claim, held=held.get(claim.job.id, False))
+                      for claim in claims]
+        return claims
 
     def _mark_lost(self, session: Session, job: ClaimedJob) -> None:
         """Earlier attempts still marked running had their worker die under them."""
@@ -339,10 +362,16 @@ class JobRunner:
                      elapsed_ms: float) -> StoredAnswer:
         """Write the answer to the attempt row first: from here on it is never asked again."""
         usage = self._meter(job, response)
-        self._commits.run(lambda session: self._end_attempt(
-            session, job.id, job.attempt, "succeeded", response.status, elapsed_ms, None,
-            result=response.body, usage=usage.to_dict()))
+        self._commits.run_step(self._keep_step, {
+            "b_job_id": job.id, "b_number": job.attempt, "b_now": utcnow(),
+            "b_outcome": "succeeded", "b_provider_status": response.status,
+            "b_latency_ms": round(elapsed_ms, 3), "b_error_code": None,
+            "b_result": response.body, "b_usage": usage.to_dict()})
         return StoredAnswer(job.attempt, response.body, usage)
+
+    def _keep_step(self, session: Session, attempts: list[dict[str, Any]]) -> list[None]:
+        session.connection().execute(_END_ATTEMPT, attempts)
+        return [None] * len(attempts)
 
     def _meter(self, job: ClaimedJob, response: ProviderResponse) -> MeteredUsage:
         model = self._deployment.catalog.get(job.route.model)
@@ -356,20 +385,8 @@ class JobRunner:
 
     def _complete(self, job: ClaimedJob, answer: StoredAnswer, elapsed_ms: float) -> None:
         """One transaction: the ledger event of the answering attempt and the finished job."""
+        self._commits.run_step(self._complete_step, (job, answer))
         usage = answer.usage
-
-        def write(session: Session) -> None:
-            self._write_usage_event(session, job, answer.attempt, usage)
-            finished = self._finish(session, job, status="succeeded", result=answer.result,
-                                    usage=usage.to_dict(), error=None, attempts=answer.attempt)
-            # The answering attempt's hold becomes its actual cost, with its ledger event.
-            self._spend.settle(session, dataclasses.replace(job, attempt=answer.attempt),
-                               usage.cost_usd, utcnow())
-            if finished:
-                session.connection().execute(_DROP_KEPT_ANSWER, {"b_job_id": job.id,
-                                                                 "b_number": answer.attempt})
-
-        self._commits.run(write)
         log.info("job %s succeeded attempt=%d duration_ms=%.1f tokens_in=%d tokens_out=%d",
                  job.id, answer.attempt, elapsed_ms, usage.input_tokens, usage.output_tokens,
                  extra=observe.log_fields(job, "succeeded", elapsed_ms))
@@ -377,19 +394,24 @@ class JobRunner:
                                   cached_input_tokens=usage.cached_input_tokens,
                                   output_tokens=usage.output_tokens, cost_usd=usage.cost_usd)
 
-    def _write_usage_event(self, session: Session, job: ClaimedJob, attempt: int,
-                           usage: MeteredUsage) -> None:
+    def _complete_step(self, session: Session,
+                       done: list[tuple[ClaimedJob, StoredAnswer]]) -> list[None]:
+        now = utcnow()
+        conn = session.connection()
         # Keyed by (job, attempt): writing the same attempt twice leaves one event.
-        insert_ignoring_conflicts(session, UsageEvent.__table__, {  # type: ignore[arg-type]
-            "org_id": job.org_id, "run_id": job.run_id, "job_id": job.id,
-            "attempt": attempt, "capability": job.capability,
-            "integration_id": job.route.provider_integration_id,
-            "billing_kind": job.route.billing_kind, "provider": job.route.provider,
-            "model": job.route.model, "input_tokens": usage.input_tokens,
-            "cached_input_tokens": usage.cached_input_tokens,
-            "output_tokens": usage.output_tokens, "cost_usd": usage.cost_usd,
-            "meters": usage.meters, "estimated": usage.estimated, "created_at": utcnow(),
-        }, ("job_id", "attempt"))
+        insert_ignoring_conflicts_many(session, _usage_events, [
+            _usage_row(job, answer, now) for job, answer in done], ("job_id", "attempt"))
+        conn.execute(_FINISH_JOB, [{
+            "b_id": job.id, "b_claimed": job.attempt, "b_status": "succeeded",
+            "b_result": answer.result, "b_usage": answer.usage.to_dict(), "b_error": None,
+            "b_attempts": answer.attempt, "b_now": now} for job, answer in done])
+        # The answering attempt's hold becomes its actual cost, with its ledger event.
+        self._spend.settle_many(session, [
+            (dataclasses.replace(job, attempt=answer.attempt), answer.usage.cost_usd)
+            for job, answer in done], now)
+        # A kept answer is released once its job is finished with it.
+        conn.execute(_DROP_KEPT_ANSWERS, {"b_job_ids": [job.id for job, _ in done]})
+        return [None] * len(done)
 
     # -- failure ------------------------------------------------------------------------
 
@@ -465,3 +487,17 @@ class JobRunner:
             "b_usage": usage, "b_error": error, "b_attempts": attempts, "b_now": utcnow(),
         })
         return bool(getattr(done, "rowcount", 0))
+
+
+def _usage_row(job: ClaimedJob, answer: StoredAnswer, now: datetime) -> dict[str, Any]:
+    usage = answer.usage
+    return {
+        "org_id": job.org_id, "run_id": job.run_id, "job_id": job.id,
+        "attempt": answer.attempt, "capability": job.capability,
+        "integration_id": job.route.provider_integration_id,
+        "billing_kind": job.route.billing_kind, "provider": job.route.provider,
+        "model": job.route.model, "input_tokens": usage.input_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "output_tokens": usage.output_tokens, "cost_usd": usage.cost_usd,
+        "meters": usage.meters, "estimated": usage.estimated, "created_at": now,
+    }
