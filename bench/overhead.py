@@ -46,6 +46,7 @@ SERVICE_KEY = "bench-service-key-0123456789abcdef"
 # Both sides authenticate every call: LiteLLM against its master key, the broker its service key.
 LITELLM_MASTER_KEY = f"sk-bench-{secrets.token_hex(16)}"
 LEVELS = (1, 16, 64)
+BENCH_CAP_USD = "100000"
 TARGETS = ("direct", "broker", "litellm")
 MODEL = "gpt-4.1-mini"
 CHAT_BODY = {"model": MODEL, "max_tokens": 16,
@@ -254,8 +255,9 @@ def report(table: dict[tuple[str, int], dict[str, float]], *, seconds: float, re
         "for all three targets. Request: one small chat completion, `max_tokens` 16.",
         "- Broker: `molar-llm serve` (one API process) + `molar-llm worker` (one process, "
         f"{worker_threads} threads), Redis broker, PostgreSQL database, metering on (usage "
-        "event, attempt and job row written per call); capability `grounding_tier0` routed to "
-        f"`{MODEL}`.",
+        "event, attempt and job row written per call) and spend admission on (the org has a "
+        f"${BENCH_CAP_USD} cap: every call holds and settles its cost against it); capability "
+        f"`grounding_tier0` routed to `{MODEL}`.",
         "- LiteLLM proxy 1.108.7 (`litellm[proxy]` + httptools + opentelemetry-sdk, its own "
         "venv), `--num_workers 1`, no database, no cache, master key set (it refuses to start "
         "without one).",
@@ -307,6 +309,11 @@ def main() -> None:
                            "X-Molar-Org-Id": "org_bench", "X-Molar-Capability": "grounding_tier0"},
                 "litellm": {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"},
             }
+            # A cap far above what the run spends: every call is admitted by the conditional
+            # update on the org's spend row, as a capped production org's would be.
+            httpx.put(f"{stack.api_url}/v1/orgs/org_bench/settings",
+                      json={"spend_cap_usd": BENCH_CAP_USD},
+                      headers=headers["broker"], timeout=30).raise_for_status()
             for target in TARGETS:
                 prime(urls[target], headers[target])
             scripts = {t: wrk_script(work / f"{t}.lua", headers[t]) for t in TARGETS}

@@ -5,7 +5,9 @@ one by one, every unit pays for a connection checkout, BEGIN and COMMIT; here a 
 threads take whatever units are waiting and run them in one transaction. Nothing waits to
 fill a batch: at low load each unit commits alone, under load batches grow by themselves.
 The calling thread blocks until its unit is committed, so a job's message is acknowledged
-only after its writes are durable.
+only after its writes are durable. A caller that gives up waiting (``timeout_s``) does not
+withdraw its unit: it may still commit later, and the job's lease and the claim's conditions
+make that harmless.
 
 A unit is either a function of the session (:meth:`GroupCommitter.run`) or one item for a
 *step* (:meth:`GroupCommitter.run_step`): a function that takes the session and every waiting
@@ -55,6 +57,8 @@ class GroupCommitter:
 
     def __init__(self, sessions: sessionmaker[Session], *, writers: int = 4,
                  max_batch: int = 64):
+        if writers < 1:
+            raise ValueError(f"writers must be at least 1, not {writers}")
         self._sessions = sessions
         self._writers = writers
         self._max_batch = max_batch
@@ -85,14 +89,25 @@ class GroupCommitter:
         return unit.future.result(timeout=timeout_s)
 
     def _lead(self) -> None:
-        while True:
+        batch: list[_Unit[Any]] = []
+        try:
+            while True:
+                with self._lock:
+                    if not self._waiting:
+                        self._leading -= 1
+                        return
+                    count = min(len(self._waiting), self._max_batch)
+                    batch = [self._waiting.popleft() for _ in range(count)]
+                self._commit(batch)
+        except BaseException as exc:
+            # Not an error of a unit (those are caught per unit) but the leading thread
+            # itself being stopped: answer the batch in hand and give the slot back.
+            for unit in batch:
+                if not unit.future.done():
+                    unit.future.set_exception(exc)
             with self._lock:
-                if not self._waiting:
-                    self._leading -= 1
-                    return
-                count = min(len(self._waiting), self._max_batch)
-                batch = [self._waiting.popleft() for _ in range(count)]
-            self._commit(batch)
+                self._leading -= 1
+            raise
 
     def _commit(self, batch: list[_Unit[Any]]) -> None:
         try:
