@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # "max_retry_after_s"}}, over the built-in defaults in tasks/retry_policy.py.
     retry_policies: dict[str, dict[str, float]] = Field(default_factory=dict)
     lease_margin_s: float = Field(default=30.0, gt=0)
+    # Transactions a worker process runs at once for its jobs' writes. One commits the
+    # largest batches (fewest statements per job); more help only with a slow database link.
+    worker_commit_writers: int = Field(default=1, ge=1, le=16)
     scheduler_interval_s: float = Field(default=1.0, gt=0)
     scheduler_resend_s: float = Field(default=60.0, gt=0)
     idempotency_ttl_s: int = Field(default=86_400, ge=86_400)

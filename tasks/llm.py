@@ -73,6 +73,7 @@ def _build_runner() -> JobRunner:
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
         policies=RetryPolicies.from_settings(settings),
         lease_margin_s=settings.lease_margin_s,
+        commit_writers=settings.worker_commit_writers,
         on_finished=CompletionNotifier(settings),
     )
 

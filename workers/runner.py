@@ -160,13 +160,14 @@ class JobRunner:
         worker_name: str,
         policies: RetryPolicies,
         lease_margin_s: float,
+        commit_writers: int = 1,
         rng: random.Random | None = None,
         on_finished: Callable[[str], None] | None = None,
     ):
         self._sessions = sessions
         # Every write goes through the group committer: under load, concurrent jobs share
         # transactions instead of each paying for its own checkout, BEGIN and COMMIT.
-        self._commits = GroupCommitter(sessions)
+        self._commits = GroupCommitter(sessions, writers=commit_writers)
         self._spend = SpendLedger(sessions, deployment.catalog)
         self._deployment = deployment
         self._providers = providers
