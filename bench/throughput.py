@@ -2,11 +2,11 @@
 
     .venv/bin/python -m bench.throughput --jobs 5000 --latencies 0,200 --repeat 3
 
-Both sides use one worker process with 64 threads, Redis on loopback and the fake upstream;
-the broker side adds PostgreSQL, metering and the job API. Runs are interleaved so machine
-noise hits both alike; medians and ratios go to stdout and, with ``--write``, to
-docs/benchmarks.md. ``--drain 50000`` also samples API and worker memory while a
-50,000-item batch drains.
+Both sides use the same worker layout (``--layouts 1x64,2x32``: processes x threads, 64
+calls in flight either way), Redis on loopback and the fake upstream; the broker side adds
+PostgreSQL, metering and the job API. Runs are interleaved so machine noise hits both alike;
+medians and ratios go to stdout. ``--drain 50000`` also samples API and worker memory while
+a 50,000-item batch drains.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _children(pid: int) -> list[int]:
 class BrokerSide:
     """A broker stack on Redis + a fresh PostgreSQL database."""
 
-    def __init__(self, workdir: Path, latency_ms: float):
+    def __init__(self, workdir: Path, latency_ms: float, processes: int = 1, threads: int = 64):
         self.db_name = f"molar_bench_{secrets.token_hex(4)}"
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.db_name}"')
@@ -90,8 +90,9 @@ class BrokerSide:
         assert self.stack.molar("migrate", "migrate").wait(60) == 0
         self.stack.start_upstream()
         self.stack.start_api()
-        concurrency = int(os.environ.get("BENCH_CONCURRENCY", "64"))
-        self.worker = self.stack.start_worker("worker", concurrency=concurrency)
+        self.workers = [self.stack.start_worker(f"worker{n}", concurrency=threads)
+                        for n in range(processes)]
+        self.worker = self.workers[0]
         self.http = httpx.Client(base_url=self.stack.api_url, timeout=120, headers={
             "Authorization": f"Bearer {SERVICE_KEY}", "X-Molar-Org-Id": "org_bench"})
         self.run(64)  # warm up connections, pools and the worker
@@ -123,19 +124,20 @@ class BrokerSide:
 class BareSide:
     """Bare Celery on the same Redis (another database number) and the same upstream."""
 
-    def __init__(self, workdir: Path, upstream_url: str, upstream_key: str):
+    def __init__(self, workdir: Path, upstream_url: str, upstream_key: str, processes: int = 1,
+                 threads: int = 64):
         self.url = REDIS_URL.rsplit("/", 1)[0] + "/14"
         redis.Redis.from_url(self.url).flushdb()
         os.environ.update(BARE_BROKER_URL=self.url, BARE_UPSTREAM_URL=upstream_url,
                           BARE_UPSTREAM_KEY=upstream_key)
         log = open(workdir / "logs" / "bare-worker.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
+        self.procs = [subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "bench.bare_celery", "worker", "-P",
-             "threads", "-c", "64", "-Q", "bare", "--loglevel", "WARNING",
-             "--without-heartbeat", "--without-mingle", "--without-gossip"],
+             "threads", "-c", str(threads), "-Q", "bare", "-n", f"bare{n}@%h", "--loglevel",
+             "WARNING", "--without-heartbeat", "--without-mingle", "--without-gossip"],
             cwd=ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
-        )
+        ) for n in range(processes)]
         from bench.bare_celery import app, call_upstream
 
         self.app, self.task = app, call_upstream
@@ -149,32 +151,38 @@ class BareSide:
         return jobs / (time.perf_counter() - started)
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(30)
 
 
-def measure(latency_ms: float, jobs: int, repeat: int, workdir: Path) -> dict[str, Any]:
-    broker = BrokerSide(workdir / f"lat{int(latency_ms)}", latency_ms)
-    bare = BareSide(workdir / f"lat{int(latency_ms)}", broker.stack.upstream_url,
-                    broker.stack.upstream_key)
+def measure(latency_ms: float, jobs: int, repeat: int, workdir: Path, processes: int = 1,
+            threads: int = 64) -> dict[str, Any]:
+    where = workdir / f"lat{int(latency_ms)}-{processes}x{threads}"
+    broker = BrokerSide(where, latency_ms, processes, threads)
+    bare = BareSide(where, broker.stack.upstream_url, broker.stack.upstream_key, processes,
+                    threads)
     ours: list[float] = []
     theirs: list[float] = []
-    broker_pids = [broker.worker.pid, broker.stack.procs["api"].pid]
+    broker_pids = [*(w.pid for w in broker.workers), broker.stack.procs["api"].pid]
     cpu_ms = {"broker": 0.0, "bare": 0.0}
     try:
         for _ in range(repeat):
             before = sum(cpu_s(pid) for pid in broker_pids)
             ours.append(broker.run(jobs))
             cpu_ms["broker"] += (sum(cpu_s(pid) for pid in broker_pids) - before) * 1000
-            before = cpu_s(bare.proc.pid) + time.process_time()
+            before = sum(cpu_s(p.pid) for p in bare.procs) + time.process_time()
             theirs.append(bare.run(jobs))
-            cpu_ms["bare"] += (cpu_s(bare.proc.pid) + time.process_time() - before) * 1000
-            print(f"  latency {latency_ms:g} ms: broker {ours[-1]:.0f} jobs/s, "
-                  f"bare Celery {theirs[-1]:.0f} jobs/s", flush=True)
+            cpu_ms["bare"] += (sum(cpu_s(p.pid) for p in bare.procs) + time.process_time()
+                               - before) * 1000
+            print(f"  {processes}x{threads} latency {latency_ms:g} ms: broker {ours[-1]:.0f} "
+                  f"jobs/s, bare Celery {theirs[-1]:.0f} jobs/s", flush=True)
     finally:
         bare.close()
         broker.close()
-    return {"latency_ms": latency_ms, "jobs": jobs, "broker": ours, "bare": theirs,
+    return {"latency_ms": latency_ms, "jobs": jobs, "layout": f"{processes}x{threads}",
+            "broker": ours, "bare": theirs,
             "ratio": statistics.median(ours) / statistics.median(theirs),
             # Broker: API and worker processes; bare: worker and the submitting client.
             "cpu_ms_per_job": {k: v / (jobs * repeat) for k, v in cpu_ms.items()}}
@@ -211,24 +219,31 @@ def drain_memory(items: int, workdir: Path) -> dict[str, Any]:
             "before": before, "samples": samples}
 
 
+def _result_line(result: dict[str, Any]) -> str:
+    cpu = {k: round(v, 2) for k, v in result["cpu_ms_per_job"].items()}
+    return (f"RESULT layout={result['layout']} latency={result['latency_ms']:g}ms "
+            f"jobs={result['jobs']} broker_median={statistics.median(result['broker']):.0f} "
+            f"bare_median={statistics.median(result['bare']):.0f} ratio={result['ratio']:.2f} "
+            f"broker_runs={[round(x) for x in result['broker']]} "
+            f"bare_runs={[round(x) for x in result['bare']]} cpu_ms_per_job={cpu}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--latencies", default="0,200")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--layouts", default="1x64",
+                        help="worker processes x threads per side, comma-separated")
     parser.add_argument("--drain", type=int, default=0, help="items of the memory drain run")
     parser.add_argument("--workdir", type=Path, default=ROOT / "var" / "bench")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    for latency in [float(x) for x in args.latencies.split(",") if x]:
-        result = measure(latency, args.jobs, args.repeat, args.workdir)
-        print(f"RESULT latency={latency:g}ms jobs={args.jobs} "
-              f"broker_median={statistics.median(result['broker']):.0f} "
-              f"bare_median={statistics.median(result['bare']):.0f} "
-              f"ratio={result['ratio']:.2f} broker_runs={[round(x) for x in result['broker']]} "
-              f"bare_runs={[round(x) for x in result['bare']]} "
-              f"cpu_ms_per_job={ {k: round(v, 2) for k, v in result['cpu_ms_per_job'].items()} }",
-              flush=True)
+    layouts = [tuple(int(n) for n in layout.split("x")) for layout in args.layouts.split(",")]
+    for processes, threads in layouts:
+        for latency in [float(x) for x in args.latencies.split(",") if x]:
+            result = measure(latency, args.jobs, args.repeat, args.workdir, processes, threads)
+            print(_result_line(result), flush=True)
     if args.drain:
         drain = drain_memory(args.drain, args.workdir)
         print(f"DRAIN items={drain['items']} submit_s={drain['submit_s']:.1f} "
