@@ -230,3 +230,61 @@ def test_a_stopped_leader_gives_its_slot_back(sessions: sessionmaker[Session]) -
 def test_a_committer_without_writers_is_refused(sessions: sessionmaker[Session]) -> None:
     with pytest.raises(ValueError, match="writers must be at least 1"):
         GroupCommitter(sessions, writers=0)
+
+
+def test_a_chain_commits_its_second_step_only_after_its_first(
+        sessions: sessionmaker[Session]) -> None:
+    committer = GroupCommitter(sessions, writers=1)
+    first = InsertStep()
+    seen_by_second: list[dict[int, int]] = []
+
+    def second(session: Session, items: list[int]) -> list[int]:
+        # Another connection sees the first step's row: it is committed, not merely written.
+        seen_by_second.append(stored(sessions))
+        return [item + 1 for item in items]
+
+    assert committer.run_steps((first, 7), (second, 100)) == 101
+    assert seen_by_second == [{7: 14}]
+
+
+def test_a_chain_whose_first_step_fails_never_runs_its_second(
+        sessions: sessionmaker[Session]) -> None:
+    committer = GroupCommitter(sessions, writers=1)
+    second_ran: list[int] = []
+
+    def second(session: Session, items: list[int]) -> list[int]:
+        second_ran.extend(items)
+        return items
+
+    with pytest.raises(ValueError, match="poisoned"):
+        committer.run_steps((InsertStep(poison=frozenset({3})), 3), (second, 1))
+    assert second_ran == [] and stored(sessions) == {}
+    assert committer.run_steps((InsertStep(), 4), (second, 2)) == 2  # the writer is free
+
+
+def test_concurrent_chains_all_finish_and_share_transactions(
+        sessions: sessionmaker[Session]) -> None:
+    committer = GroupCommitter(sessions, writers=1)
+    first = InsertStep()
+    second_batches: list[list[int]] = []
+
+    def second(session: Session, items: list[int]) -> list[int]:
+        second_batches.append(list(items))
+        return [-item for item in items]
+
+    outcomes: dict[int, Any] = {}
+    barrier = threading.Barrier(CALLERS)
+
+    def call(item: int) -> None:
+        barrier.wait()
+        outcomes[item] = committer.run_steps((first, item), (second, item), timeout_s=15)
+
+    threads = [threading.Thread(target=call, args=(item,)) for item in range(CALLERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert outcomes == {item: -item for item in range(CALLERS)}
+    assert stored(sessions) == {item: item * 2 for item in range(CALLERS)}
+    assert len(second_batches) < CALLERS  # second steps were batched too

@@ -43,6 +43,8 @@ class _Unit(Generic[T]):
     step: Step[Any, T] | None = None
     item: Any = None
     future: Future[T] = field(default_factory=Future)
+    # Committed in a later transaction of the same leader, once this unit's has committed.
+    then: _Unit[Any] | None = None
 
 
 class GroupCommitter:
@@ -75,10 +77,20 @@ class GroupCommitter:
         a committed transaction; returns this item's result."""
         return self._submit(_Unit(step=step, item=item), timeout_s)
 
+    def run_steps(self, first: tuple[Step[Any, Any], Any], then: tuple[Step[I, T], I], *,
+                  timeout_s: float = 120) -> T:
+        """Commit ``first``'s item, then ``then``'s in a later transaction, with no return
+        to the caller in between; returns the second result. The second never starts
+        unless the first committed; an error of either reaches the caller."""
+        second: _Unit[T] = _Unit(step=then[0], item=then[1])
+        return self._submit(_Unit(step=first[0], item=first[1], then=second), timeout_s,
+                            wait_for=second)
+
     def close(self) -> None:
         """Nothing to stop: commits run on the callers' threads."""
 
-    def _submit(self, unit: _Unit[T], timeout_s: float) -> T:
+    def _submit(self, unit: _Unit[Any], timeout_s: float,
+                wait_for: _Unit[T] | None = None) -> T:
         with self._lock:
             self._waiting.append(unit)
             lead = self._leading < self._writers
@@ -86,30 +98,34 @@ class GroupCommitter:
                 self._leading += 1
         if lead:
             self._lead()
-        return unit.future.result(timeout=timeout_s)
+        return (wait_for or unit).future.result(timeout=timeout_s)
 
     def _lead(self) -> None:
         batch: list[_Unit[Any]] = []
+        follow: list[_Unit[Any]] = []  # second units of chains whose first unit committed
         try:
             while True:
                 with self._lock:
-                    if not self._waiting:
+                    if not self._waiting and not follow:
                         self._leading -= 1
                         return
-                    count = min(len(self._waiting), self._max_batch)
-                    batch = [self._waiting.popleft() for _ in range(count)]
-                self._commit(batch)
+                    count = min(len(self._waiting), max(self._max_batch - len(follow), 0))
+                    batch = follow + [self._waiting.popleft() for _ in range(count)]
+                follow = []
+                follow = self._commit(batch)
         except BaseException as exc:
             # Not an error of a unit (those are caught per unit) but the leading thread
-            # itself being stopped: answer the batch in hand and give the slot back.
-            for unit in batch:
-                if not unit.future.done():
-                    unit.future.set_exception(exc)
+            # itself being stopped: answer the units in hand and give the slot back.
+            for unit in batch + follow:
+                for pending in (unit, unit.then):
+                    if pending is not None and not pending.future.done():
+                        pending.future.set_exception(exc)
             with self._lock:
                 self._leading -= 1
             raise
 
-    def _commit(self, batch: list[_Unit[Any]]) -> None:
+    def _commit(self, batch: list[_Unit[Any]]) -> list[_Unit[Any]]:
+        """Commit the batch; returns the chained units now due."""
         try:
             with transaction(self._sessions) as session:
                 results = _execute(session, batch)
@@ -117,15 +133,17 @@ class GroupCommitter:
             # Whatever broke the shared transaction, re-run each unit alone so that one bad
             # unit fails alone and the others still commit.
             if len(batch) == 1:
-                batch[0].future.set_exception(exc)
-                return
+                unit = batch[0]
+                unit.future.set_exception(exc)
+                if unit.then is not None:
+                    unit.then.future.set_exception(exc)
+                return []
             log.warning("group commit of %d units failed (%s); retrying one by one",
                         len(batch), type(exc).__name__)
-            for unit in batch:
-                self._commit([unit])
-            return
+            return [due for unit in batch for due in self._commit([unit])]
         for unit, result in zip(batch, results, strict=True):
             unit.future.set_result(result)
+        return [unit.then for unit in batch if unit.then is not None]
 
 
 def _execute(session: Session, batch: list[_Unit[Any]]) -> list[Any]:

@@ -240,8 +240,14 @@ class JobRunner:
                 self._fail(job, exc, (time.perf_counter() - started) * 1000)
                 return
         elapsed_ms = (time.perf_counter() - started) * 1000
-        answer = self._keep_answer(job, response, elapsed_ms)
-        self._complete(job, answer, elapsed_ms)
+        answer = StoredAnswer(job.attempt, response.body, self._meter(job, response))
+        # The answer goes to the attempt row in a transaction of its own, committed before
+        # the ledger write: from there on, it is never asked of the provider again.
+        kept = {"b_job_id": job.id, "b_number": job.attempt, "b_now": utcnow(),
+                "b_outcome": "succeeded", "b_provider_status": response.status,
+                "b_latency_ms": round(elapsed_ms, 3), "b_error_code": None,
+                "b_result": answer.result, "b_usage": answer.usage.to_dict()}
+        self._complete(job, answer, elapsed_ms, kept=kept)
 
     # -- claim --------------------------------------------------------------------------
 
@@ -359,17 +365,6 @@ class JobRunner:
 
     # -- success ------------------------------------------------------------------------
 
-    def _keep_answer(self, job: ClaimedJob, response: ProviderResponse,
-                     elapsed_ms: float) -> StoredAnswer:
-        """Write the answer to the attempt row first: from here on it is never asked again."""
-        usage = self._meter(job, response)
-        self._commits.run_step(self._keep_step, {
-            "b_job_id": job.id, "b_number": job.attempt, "b_now": utcnow(),
-            "b_outcome": "succeeded", "b_provider_status": response.status,
-            "b_latency_ms": round(elapsed_ms, 3), "b_error_code": None,
-            "b_result": response.body, "b_usage": usage.to_dict()})
-        return StoredAnswer(job.attempt, response.body, usage)
-
     def _keep_step(self, session: Session, attempts: list[dict[str, Any]]) -> list[None]:
         session.connection().execute(_END_ATTEMPT, attempts)
         return [None] * len(attempts)
@@ -384,9 +379,14 @@ class JobRunner:
         # Until every provider reports usage, an estimate (flagged) beats a zero bill.
         return estimate_usage(model, now, job.request, response.body)
 
-    def _complete(self, job: ClaimedJob, answer: StoredAnswer, elapsed_ms: float) -> None:
-        """One transaction: the ledger event of the answering attempt and the finished job."""
-        self._commits.run_step(self._complete_step, (job, answer))
+    def _complete(self, job: ClaimedJob, answer: StoredAnswer, elapsed_ms: float, *,
+                  kept: dict[str, Any] | None = None) -> None:
+        """One transaction: the ledger event of the answering attempt and the finished job;
+        with ``kept``, after the one that keeps the answer on its attempt row."""
+        if kept is None:
+            self._commits.run_step(self._complete_step, (job, answer))
+        else:
+            self._commits.run_steps((self._keep_step, kept), (self._complete_step, (job, answer)))
         usage = answer.usage
         log.info("job %s succeeded attempt=%d duration_ms=%.1f tokens_in=%d tokens_out=%d",
                  job.id, answer.attempt, elapsed_ms, usage.input_tokens, usage.output_tokens,
