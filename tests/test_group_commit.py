@@ -209,14 +209,15 @@ def test_no_more_transactions_run_at_once_than_writers_and_no_caller_is_left_wai
 
     outcomes = call_together(GroupCommitter(sessions, writers=writers), step, items)
 
-    assert step.peak_running == writers
+    assert 1 <= step.peak_running <= writers
     assert outcomes == {item: item * 2 for item in items}
     assert stored(sessions) == {item: item * 2 for item in items}
 
 
-def test_a_stopped_leader_gives_its_slot_back(sessions: sessionmaker[Session]) -> None:
+def test_a_unit_raising_a_base_exception_fails_alone_and_the_writer_goes_on(
+        sessions: sessionmaker[Session]) -> None:
     class Stop(BaseException):
-        """Stands for what ends a thread rather than a unit, such as KeyboardInterrupt."""
+        """Not an Exception, as KeyboardInterrupt and SystemExit are not."""
 
     def stop(session: Session) -> None:
         raise Stop

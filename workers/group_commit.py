@@ -1,9 +1,10 @@
 """Group commit: many worker threads' small write units share transactions.
 
 A worker runs dozens of provider calls at once and each ends in a few small writes. Run
-one by one, every unit pays for a connection checkout, BEGIN and COMMIT; here a few writer
-threads take whatever units are waiting and run them in one transaction. Nothing waits to
-fill a batch: at low load each unit commits alone, under load batches grow by themselves.
+one by one, every unit pays for a connection checkout, BEGIN and COMMIT and the thread
+handoffs of each round trip; here a writer thread takes whatever units are waiting and runs
+them in one transaction. Nothing waits to fill a batch: at low load each unit commits alone,
+under load batches grow by themselves.
 The calling thread blocks until its unit is committed, so a job's message is acknowledged
 only after its writes are durable. A caller that gives up waiting (``timeout_s``) does not
 withdraw its unit: it may still commit later, and the job's lease and the claim's conditions
@@ -18,8 +19,8 @@ of a few statements per job.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -43,30 +44,31 @@ class _Unit(Generic[T]):
     step: Step[Any, T] | None = None
     item: Any = None
     future: Future[T] = field(default_factory=Future)
-    # Committed in a later transaction of the same leader, once this unit's has committed.
+    # Committed in a later transaction of the same writer, once this unit's has committed.
     then: _Unit[Any] | None = None
 
 
 class GroupCommitter:
-    """Leader/follower group commit, on the callers' own threads.
+    """Writer threads that commit whatever units are waiting, together.
 
-    A caller that finds fewer than ``writers`` transactions running leads: it takes every
-    waiting unit (its own among them), commits them together, and goes on with whatever
-    arrived meanwhile before it returns. Otherwise it queues its unit and waits for a leader
-    to commit it. At low load every caller commits its own unit with no thread handoff;
-    under load the waiting units form the next batch.
+    One writer (the default) commits the largest batches; each writer is a transaction at a
+    time. A chain's second unit joins the writer's next batch as soon as its first unit has
+    committed, without a trip back to the calling thread.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], *, writers: int = 4,
+    def __init__(self, sessions: sessionmaker[Session], *, writers: int = 1,
                  max_batch: int = 64):
         if writers < 1:
             raise ValueError(f"writers must be at least 1, not {writers}")
         self._sessions = sessions
-        self._writers = writers
         self._max_batch = max_batch
-        self._lock = threading.Lock()
-        self._waiting: deque[_Unit[Any]] = deque()
-        self._leading = 0
+        self._queue: queue.SimpleQueue[_Unit[Any] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"group-commit-{n}", daemon=True)
+            for n in range(writers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def run(self, fn: Callable[[Session], T], *, timeout_s: float = 120) -> T:
         """Run ``fn(session)`` inside a committed transaction and return its result."""
@@ -87,51 +89,44 @@ class GroupCommitter:
                             wait_for=second)
 
     def close(self) -> None:
-        """Nothing to stop: commits run on the callers' threads."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     def _submit(self, unit: _Unit[Any], timeout_s: float,
                 wait_for: _Unit[T] | None = None) -> T:
-        with self._lock:
-            self._waiting.append(unit)
-            lead = self._leading < self._writers
-            if lead:
-                self._leading += 1
-        if lead:
-            self._lead()
+        self._queue.put(unit)
         return (wait_for or unit).future.result(timeout=timeout_s)
 
-    def _lead(self) -> None:
-        batch: list[_Unit[Any]] = []
+    def _loop(self) -> None:
         follow: list[_Unit[Any]] = []  # second units of chains whose first unit committed
-        try:
-            while True:
-                with self._lock:
-                    if not self._waiting and not follow:
-                        self._leading -= 1
-                        return
-                    count = min(len(self._waiting), max(self._max_batch - len(follow), 0))
-                    batch = follow + [self._waiting.popleft() for _ in range(count)]
-                follow = []
-                follow = self._commit(batch)
-        except BaseException as exc:
-            # Not an error of a unit (those are caught per unit) but the leading thread
-            # itself being stopped: answer the units in hand and give the slot back.
-            for unit in batch + follow:
-                for pending in (unit, unit.then):
-                    if pending is not None and not pending.future.done():
-                        pending.future.set_exception(exc)
-            with self._lock:
-                self._leading -= 1
-            raise
+        while True:
+            batch = follow
+            if not batch:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    unit = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if unit is None:
+                    self._queue.put(None)  # leave the stop signal for this thread's next turn
+                    break
+                batch.append(unit)
+            follow = self._commit(batch)
 
     def _commit(self, batch: list[_Unit[Any]]) -> list[_Unit[Any]]:
         """Commit the batch; returns the chained units now due."""
         try:
             with transaction(self._sessions) as session:
                 results = _execute(session, batch)
-        except Exception as exc:
+        except BaseException as exc:
             # Whatever broke the shared transaction, re-run each unit alone so that one bad
-            # unit fails alone and the others still commit.
+            # unit fails alone and the others still commit. The writer itself goes on.
             if len(batch) == 1:
                 unit = batch[0]
                 unit.future.set_exception(exc)
