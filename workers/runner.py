@@ -96,13 +96,16 @@ _END_ATTEMPT = (
             result=bindparam("b_result", type_=_attempts.c.result.type),
             usage=bindparam("b_usage", type_=_attempts.c.usage.type))
 )
-_DROP_KEPT_ANSWERS = (
+# Every lookup here is by a unique key: a join or an IN list let the planner's generic plan
+# scan the whole jobs table once enough statements had been prepared.
+_DROP_KEPT_ANSWER = (
     update(_attempts)
-    .where(_attempts.c.job_id.in_(bindparam("b_job_ids", expanding=True)),
+    .where(_attempts.c.job_id == bindparam("b_job_id"),
+           _attempts.c.number == bindparam("b_number"),
            _attempts.c.result.is_not(None),
-           select(_jobs.c.id).where(_jobs.c.id == _attempts.c.job_id,
+           select(_jobs.c.id).where(_jobs.c.id == bindparam("b_job_id"),
                                     _jobs.c.status == "succeeded",
-                                    _jobs.c.attempts == _attempts.c.number).exists())
+                                    _jobs.c.attempts == bindparam("b_number")).exists())
     .values(result=None)
 )
 _FINISH_JOB = (
@@ -411,7 +414,8 @@ class JobRunner:
             (dataclasses.replace(job, attempt=answer.attempt), answer.usage.cost_usd)
             for job, answer in done], now)
         # A kept answer is released once its job is finished with it.
-        conn.execute(_DROP_KEPT_ANSWERS, {"b_job_ids": [job.id for job, _ in done]})
+        conn.execute(_DROP_KEPT_ANSWER, [{"b_job_id": job.id, "b_number": answer.attempt}
+                                         for job, answer in done])
         return [None] * len(done)
 
     # -- failure ------------------------------------------------------------------------
