@@ -125,21 +125,22 @@ class SpendLedger:
     # -- reading ------------------------------------------------------------------------
 
     def snapshot(self, org_id: str, now: datetime | None = None) -> SpendSnapshot:
-        start = period_start(now or utcnow())
         with self._sessions() as session:
-            cap = _read_cap(session, org_id)
-            row = session.get(SpendPeriod, (org_id, start))
-        spent, reserved = (row.spent_usd_e10, row.reserved_usd_e10) if row else (0, 0)
-        return SpendSnapshot(org_id, start, cap, from_e10(spent), from_e10(reserved))
+            return _snapshot(session, org_id, period_start(now or utcnow()))
 
-    def check_admission(self, org_id: str, routes: Iterable[Route]) -> None:
-        """At submission: refuse hosted work once this month's hosted spend reached the cap."""
+    def check_admission(self, org_id: str, routes: Iterable[Route],
+                        session: Session | None = None) -> None:
+        """At submission: refuse hosted work once this month's hosted spend reached the cap.
+
+        With ``session``, read in the caller's transaction (the one that writes the jobs)."""
         hosted = sorted({r.capability for r in routes if r.billing_kind == "hosted"})
         if not hosted:
             return
-        snap = self.snapshot(org_id)
-        if snap.cap_reached:
-            raise SpendCapExceeded(_cap_message(snap, hosted))
+        if session is None:
+            with self._sessions() as own:
+                _refuse_when_capped(own, org_id, hosted)
+        else:
+            _refuse_when_capped(session, org_id, hosted)
 
     # -- the three steps of a hosted attempt ---------------------------------------------
 
@@ -332,6 +333,8 @@ _holds = typing.cast(Table, SpendReservation.__table__)
 _READ_CAP = select(cast(OrgSettings.spend_cap_usd, String)).where(
     OrgSettings.org_id == bindparam("org_id"))
 _INSERT_HOLD = _holds.insert()
+_READ_PERIOD = select(_periods.c.spent_usd_e10, _periods.c.reserved_usd_e10).where(
+    _periods.c.org_id == bindparam("b_org_id"), _periods.c.period_start == bindparam("b_start"))
 _MOVE = (
     update(_periods)
     .where(_periods.c.org_id == bindparam("b_org_id"),
@@ -381,6 +384,22 @@ def _read_cap(session: Session, org_id: str) -> Decimal | None:
         text = session.connection().execute(_READ_CAP, {"org_id": org_id}).scalar()
         caps[org_id] = Decimal(text) if text is not None else None
     return caps[org_id]
+
+
+def _refuse_when_capped(session: Session, org_id: str, hosted: list[str]) -> None:
+    if _read_cap(session, org_id) is None:
+        return  # no cap, nothing to refuse: the period row need not be read
+    snap = _snapshot(session, org_id, period_start(utcnow()))
+    if snap.cap_reached:
+        raise SpendCapExceeded(_cap_message(snap, hosted))
+
+
+def _snapshot(session: Session, org_id: str, start: date) -> SpendSnapshot:
+    cap = _read_cap(session, org_id)
+    row = session.connection().execute(_READ_PERIOD, {"b_org_id": org_id,
+                                                      "b_start": start}).one_or_none()
+    spent, reserved = (row.spent_usd_e10, row.reserved_usd_e10) if row else (0, 0)
+    return SpendSnapshot(org_id, start, cap, from_e10(spent), from_e10(reserved))
 
 
 def _ensure_period(session: Session, org_id: str, start: date, now: datetime) -> bool:

@@ -28,18 +28,24 @@ class Principal:
         return self.kind == "service"
 
 
-def app_state(request: Request) -> AppState:
+def state_of(request: Request) -> AppState:
     state: AppState = request.app.state.broker
     return state
 
 
-def authenticate(
+# The dependencies below are coroutines although they never await: FastAPI runs a plain
+# function dependency on its thread pool, one hop per dependency per request.
+async def app_state(request: Request) -> AppState:
+    return state_of(request)
+
+
+async def authenticate(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
     x_molar_org_id: Annotated[str | None, Header()] = None,
 ) -> Principal:
     """The service key (constant-time compare) with X-Molar-Org-Id, or a BFF JWT."""
-    state = app_state(request)
+    state = state_of(request)
     token = _bearer(authorization)
     expected = state.settings.service_key.get_secret_value().encode()
     if hmac.compare_digest(token.encode(), expected):
@@ -102,13 +108,13 @@ def _bearer(authorization: str | None) -> str:
     return token.strip()
 
 
-def require_admin(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+async def require_admin(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     if not principal.is_service:
         raise PermissionDenied("this endpoint needs the service key")
     return principal
 
 
-def check_org_path(org: str) -> str:
+async def check_org_path(org: str) -> str:
     if not ORG_ID_PATTERN.match(org):
         raise InvalidRequest("org in the path must be a valid org id", param="org")
     return org

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from broker.api.auth import app_state
+from broker.api.auth import state_of
 from broker.raw_credentials import check_submission
 
 
@@ -22,7 +22,7 @@ async def reject_raw_credentials(request: Request) -> None:
         payload = await request.json() if body else None
     except ValueError:
         return  # the body validation answers with invalid_json
-    our_token = app_state(request).settings.service_key.get_secret_value()
+    our_token = state_of(request).settings.service_key.get_secret_value()
     check_submission(payload, request.headers, our_token, raw=body)
 
 

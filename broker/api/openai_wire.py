@@ -20,7 +20,7 @@ from broker.catalog import Catalog
 from broker.completion_wait import JobOutcome
 from broker.errors import InvalidRequest
 from broker.metering import estimate_input_tokens
-from broker.routing import Route, resolve_routes, validate_routing
+from broker.routing import Route, validate_routing
 from broker.schemas import JobSubmission
 from broker.validation import check_request
 from workers.providers.anthropic_translate import unsupported_reason
@@ -101,25 +101,21 @@ def parse_routing_header(value: str | None) -> dict[str, Any] | None:
     return routing
 
 
-def preflight(state: AppState, org_id: str, submission: JobSubmission) -> Route:
-    """Resolve the route and refuse what its model cannot serve, before anything is queued."""
+def check_submission(state: AppState, submission: JobSubmission) -> None:
+    """What can be refused before reading the org: the body's shape, the routing header."""
     check_request(submission.capability, submission.request, param="body")
-    routing = validate_routing(submission.model_routing, state.deployment.catalog,
-                               param=ROUTING_HEADER)
-    with state.sessions() as session:
-        org_routing = state.orgs.stored_routing(session, org_id)
-    route = resolve_routes(
-        [submission.capability], catalog=state.deployment.catalog,
-        defaults=state.deployment.defaults, org_routing=org_routing, submission_routing=routing,
-    )[submission.capability]
-    _check_context(submission.request, route, state.deployment.catalog)
+    validate_routing(submission.model_routing, state.deployment.catalog, param=ROUTING_HEADER)
+
+
+def check_route(catalog: Catalog, request: dict[str, Any], route: Route) -> None:
+    """Refuse what the resolved route's model cannot serve, before anything is queued."""
+    _check_context(request, route, catalog)
     if route.provider == "anthropic":
-        reason = unsupported_reason(submission.request)
+        reason = unsupported_reason(request)
         if reason is not None:
             raise InvalidRequest(f"{reason.message} (capability {route.capability!r} is routed "
                                  f"to {route.model!r})", param=reason.param,
                                  code="unsupported_parameter")
-    return route
 
 
 def _check_context(request: dict[str, Any], route: Route, catalog: Catalog) -> None:

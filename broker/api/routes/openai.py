@@ -22,7 +22,6 @@ from broker.api.auth import CurrentPrincipal, State
 from broker.api.responses import JSON
 from broker.completion_wait import CompletionWaiter, WaitTimedOut
 from broker.errors import InvalidRequest
-from broker.routing import Route
 from broker.schemas import JobSubmission
 
 router = APIRouter(tags=["openai"])
@@ -43,8 +42,7 @@ async def chat_completions(
     body = await _json_body(request)
     capability = wire.pick_capability(x_molar_capability, body.get("model"), embeddings=False)
     submission = wire.submission(capability, body, x_molar_model_routing, x_molar_run_id)
-    route = await run_in_threadpool(wire.preflight, state, principal.org_id, submission)
-    return await _run(request, state, principal.org_id, submission, route,
+    return await _run(request, state, principal.org_id, submission,
                       stream=body.get("stream") is True, timeout_header=x_molar_timeout_s)
 
 
@@ -57,9 +55,15 @@ async def embeddings(
     body = await _json_body(request)
     capability = wire.pick_capability(x_molar_capability, body.get("model"), embeddings=True)
     submission = wire.submission(capability, body, x_molar_model_routing, x_molar_run_id)
-    route = await run_in_threadpool(wire.preflight, state, principal.org_id, submission)
-    return await _run(request, state, principal.org_id, submission, route, stream=False,
+    return await _run(request, state, principal.org_id, submission, stream=False,
                       timeout_header=x_molar_timeout_s)
+
+
+def _submit(state: State, org_id: str, submission: JobSubmission) -> dict[str, Any]:
+    """Checks, route, admission and the job row, on one trip to the thread pool."""
+    wire.check_submission(state, submission)
+    vet = functools.partial(wire.check_route, state.deployment.catalog, submission.request)
+    return state.jobs.submit_job(org_id, submission, vet=vet)
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -74,13 +78,12 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-async def _run(request: Request, state: State, org_id: str, submission: JobSubmission,
-               route: Route, *, stream: bool, timeout_header: str | None) -> Response:
+async def _run(request: Request, state: State, org_id: str, submission: JobSubmission, *,
+               stream: bool, timeout_header: str | None) -> Response:
     timeout_s = wire.wait_timeout_s(timeout_header, state.settings.task_time_limit_s)
-    view = await run_in_threadpool(
-        functools.partial(state.jobs.submit_job, org_id, submission, route=route))
+    view = await run_in_threadpool(_submit, state, org_id, submission)
     headers = {"X-Molar-Job-Id": view["id"], "X-Molar-Capability": submission.capability,
-               "X-Molar-Model": route.model}
+               "X-Molar-Model": view["route"]["model"]}
     waiter: CompletionWaiter = request.app.state.completions
     try:
         job = await waiter.wait(view["id"], timeout_s)
