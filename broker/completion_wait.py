@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.models import Job
@@ -157,9 +157,7 @@ class CompletionWaiter:
 
     def _load(self, job_id: str) -> JobOutcome | None:
         with self._sessions() as session:
-            row = session.execute(
-                select(Job.status, Job.result, Job.error).where(Job.id == job_id)
-            ).one_or_none()
+            row = session.connection().execute(_READ_OUTCOME, {"b_id": job_id}).one_or_none()
         return None if row is None else JobOutcome(job_id, row.status, row.result, row.error)
 
     async def _listen_redis(self) -> None:
@@ -215,3 +213,4 @@ class CompletionWaiter:
 
 
 Notify = Callable[[str], None]
+_READ_OUTCOME = select(Job.status, Job.result, Job.error).where(Job.id == bindparam("b_id"))

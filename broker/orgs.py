@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.capabilities import CAPABILITIES
@@ -21,9 +21,7 @@ class OrgService:
         self._deployment = deployment
 
     def stored_routing(self, session: Session, org_id: str) -> dict[str, dict[str, str]]:
-        routing = session.scalar(
-            select(OrgSettings.model_routing).where(OrgSettings.org_id == org_id)
-        )
+        routing = session.connection().execute(_READ_ROUTING, {"b_org_id": org_id}).scalar()
         return dict(routing or {})
 
     def get_settings(self, org_id: str) -> dict[str, Any]:
@@ -71,3 +69,8 @@ def settings_view(org_id: str, row: OrgSettings | None) -> dict[str, Any]:
         "spend_cap_usd": str(cap) if cap is not None else None,
         "updated_at": updated_at.isoformat() if updated_at else None,
     }
+
+
+# Read on every submission: built once, run on the connection (no ORM statement handling).
+_READ_ROUTING = select(OrgSettings.model_routing).where(
+    OrgSettings.org_id == bindparam("b_org_id"))

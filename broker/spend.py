@@ -152,25 +152,31 @@ class SpendLedger:
 
     def hold_many(self, session: Session, jobs: Sequence[DispatchedJob],
                   now: datetime | None = None) -> list[bool]:
-        """:meth:`hold` for several new attempts, with one insert for all their holds."""
+        """:meth:`hold` for several new attempts, with one insert for all their holds.
+
+        An org's holds are admitted together by one conditional update when their sum fits
+        its cap; when it does not, one by one, so as many fit as would have alone."""
         now = now or utcnow()
         start = period_start(now)
-        admitted: list[bool] = []
+        admitted = [True] * len(jobs)
+        by_org: dict[str, list[tuple[int, int]]] = {}  # org -> [(index in jobs, estimate)]
+        for index, job in enumerate(jobs):
+            if job.route.billing_kind == "hosted":
+                by_org.setdefault(job.org_id, []).append((index, self._estimate_e10(job, now)))
         holds: list[dict[str, Any]] = []
-        for job in jobs:
-            if job.route.billing_kind != "hosted":
-                admitted.append(True)
-                continue
-            estimate_e10 = self._estimate_e10(job, now)
-            self._ensure_period(session, job.org_id, start, now)
-            if not _admit(session, job.org_id, start, estimate_e10, now):
-                admitted.append(False)
-                continue
-            admitted.append(True)
-            # A claim numbers a new attempt, so no hold of it can exist yet.
-            holds.append({"job_id": job.id, "attempt": job.attempt, "org_id": job.org_id,
-                          "period_start": start, "state": RESERVED,
-                          "estimate_usd_e10": estimate_e10, "created_at": now})
+        for org_id, wanted in by_org.items():
+            self._ensure_period(session, org_id, start, now)
+            together = len(wanted) > 1 and _admit(session, org_id, start,
+                                                  sum(e for _, e in wanted), now)
+            for index, estimate_e10 in wanted:
+                if not together and not _admit(session, org_id, start, estimate_e10, now):
+                    admitted[index] = False
+                    continue
+                job = jobs[index]
+                # A claim numbers a new attempt, so no hold of it can exist yet.
+                holds.append({"job_id": job.id, "attempt": job.attempt, "org_id": org_id,
+                              "period_start": start, "state": RESERVED,
+                              "estimate_usd_e10": estimate_e10, "created_at": now})
         if holds:
             session.connection().execute(_INSERT_HOLD, holds)
         return admitted
@@ -332,7 +338,8 @@ _holds = typing.cast(Table, SpendReservation.__table__)
 # Read as text: SQLite keeps NUMERIC as a float, and its text form is the exact input.
 _READ_CAP = select(cast(OrgSettings.spend_cap_usd, String)).where(
     OrgSettings.org_id == bindparam("org_id"))
-_INSERT_HOLD = _holds.insert()
+# RETURNING makes SQLAlchemy send many rows as one INSERT with many VALUES, not one each.
+_INSERT_HOLD = _holds.insert().returning(_holds.c.job_id)
 _READ_PERIOD = select(_periods.c.spent_usd_e10, _periods.c.reserved_usd_e10).where(
     _periods.c.org_id == bindparam("b_org_id"), _periods.c.period_start == bindparam("b_start"))
 _MOVE = (

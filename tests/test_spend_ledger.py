@@ -267,6 +267,35 @@ def test_sixty_four_threads_racing_for_one_cap_never_overrun_it(sessions):
     assert period_row(sessions, org, period_start(MID_MARCH)) == (0, 10 * estimate)
 
 
+def test_holds_claimed_together_are_admitted_together_or_as_many_as_fit(sessions):
+    ledger = SpendLedger(sessions, CATALOG)
+    estimate = estimate_e10(new_attempt(sessions, "org_sample", 2000), MID_MARCH)
+    # Room for exactly two holds of this size: three claimed together cannot all fit.
+    org = new_org(sessions, from_e10(estimate * 2 + estimate // 2).quantize(MICRO))
+    first = [new_attempt(sessions, org, 2000) for _ in range(2)]
+    later = [new_attempt(sessions, org, 2000) for _ in range(2)]
+    byok = new_attempt(sessions, org, 2000, route=BYOK)
+    with transaction(sessions) as session:
+        together = ledger.hold_many(session, first, now=MID_MARCH)
+    with transaction(sessions) as session:
+        over = ledger.hold_many(session, [later[0], byok, later[1]], now=MID_MARCH)
+    assert together == [True, True]
+    assert over == [False, True, False]  # BYOK bypasses the cap; no hosted hold fits now
+    assert period_row(sessions, org, period_start(MID_MARCH)) == (0, 2 * estimate)
+    assert reservation_sums(sessions, org) == (0, 2 * estimate)
+
+
+def test_a_batch_of_holds_larger_than_the_room_left_admits_those_that_fit(sessions):
+    ledger = SpendLedger(sessions, CATALOG)
+    estimate = estimate_e10(new_attempt(sessions, "org_sample", 2000), MID_MARCH)
+    org = new_org(sessions, from_e10(estimate * 2 + estimate // 2).quantize(MICRO))
+    attempts = [new_attempt(sessions, org, 2000) for _ in range(3)]
+    with transaction(sessions) as session:
+        admitted = ledger.hold_many(session, attempts, now=MID_MARCH)
+    assert admitted == [True, True, False]
+    assert period_row(sessions, org, period_start(MID_MARCH)) == (0, 2 * estimate)
+
+
 # -- calendar months ---------------------------------------------------------------------------
 
 LAST_INSTANT_OF_JANUARY = datetime(2026, 1, 31, 23, 59, 59, 999999, tzinfo=UTC)

@@ -79,7 +79,8 @@ _CLAIM = (
                _jobs.c.route, _jobs.c.attempts, _jobs.c.attempt_floor,
                _jobs.c.cancel_requested, _jobs.c.created_at)
 )
-_INSERT_ATTEMPT = _attempts.insert()
+# RETURNING makes SQLAlchemy send many rows as one INSERT with many VALUES, not one each.
+_INSERT_ATTEMPT = _attempts.insert().returning(_attempts.c.id)
 _MARK_LOST = (
     update(_attempts)
     .where(_attempts.c.job_id == bindparam("b_job_id"),
