@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.models import Job
 from broker.settings import Settings
+from broker.sqlutil import checked_on_row
 from broker.views import TERMINAL
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class CompletionWaiter:
             return []
         with self._sessions() as session:
             rows = session.scalars(
-                select(Job.id).where(Job.id.in_(ids), Job.status.in_(TERMINAL))
+                select(Job.id).where(Job.id.in_(ids), checked_on_row(Job.status.in_(TERMINAL)))
             ).all()
         return list(rows)
 

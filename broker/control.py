@@ -23,6 +23,7 @@ from broker.db import run_transaction, transaction, utcnow
 from broker.errors import Conflict, NotFound
 from broker.jobs import PUBLISH_ERRORS, JobService
 from broker.models import Attempt, Batch, Job
+from broker.sqlutil import checked_on_row
 from broker.views import iso
 from tasks.publish import publish_jobs
 
@@ -58,7 +59,7 @@ def requeue_rows(session: Session, conditions: Sequence[ColumnElement[bool]],
     before = select(Job.id, Job.error).where(*conditions, Job.status.in_(statuses))
     codes = {row.id: (row.error or {}).get("code") for row in session.execute(before)}
     rows = session.execute(
-        update(Job).where(Job.id.in_(list(codes)), Job.status.in_(statuses))
+        update(Job).where(Job.id.in_(list(codes)), checked_on_row(Job.status.in_(statuses)))
         .values(status="queued", error=None, finished_at=None, due_at=None, published_at=None,
                 cancel_requested=False, attempt_floor=Job.attempts, lease_owner=None,
                 lease_expires_at=None)
@@ -81,7 +82,8 @@ def publish_or_defer(sessions: sessionmaker[Session], celery_app: Celery,
                     "them when the broker is back", len(jobs), type(exc).__name__)
         with transaction(sessions) as session:
             session.execute(
-                update(Job).where(Job.id.in_([job.id for job in jobs]), Job.status == "queued")
+                update(Job).where(Job.id.in_([job.id for job in jobs]),
+                                  checked_on_row(Job.status == "queued"))
                 .values(status="retrying", due_at=utcnow())
                 .execution_options(synchronize_session=False)
             )

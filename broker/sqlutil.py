@@ -9,10 +9,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import ColumnElement, Table, and_, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
+
+
+def checked_on_row(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
+    """Conditions a statement checks on the rows its key lookup found, never uses to find them.
+
+    ``(...) IS TRUE`` filters exactly like the bare conditions, but no index can serve it, so
+    PostgreSQL's planner stays on the primary key. Without it, a lookup by id that also
+    checks ``status`` can be planned through a status index whenever the table's statistics
+    are stale (a young table, a large batch that just arrived): every claim or finish then
+    reads every queued or running job instead of one row.
+    """
+    return and_(*conditions).is_(true())
+
 
 _INSERT_IGNORING: dict[tuple[str, str, tuple[str, ...]], Insert] = {}
 

@@ -36,7 +36,7 @@ from broker.metering import MeteredUsage, estimate_usage, meter
 from broker.models import Attempt, Job, UsageEvent
 from broker.routing import Deployment, Route
 from broker.spend import SpendLedger
-from broker.sqlutil import insert_ignoring_conflicts_many
+from broker.sqlutil import checked_on_row, insert_ignoring_conflicts_many
 from tasks.retry_policy import RetryDecision, RetryPolicies, decide
 from workers import observe
 from workers.credentials import CredentialResolver
@@ -57,13 +57,13 @@ _CLAIM = (
     update(_jobs)
     .where(
         _jobs.c.id.in_(bindparam("b_ids", expanding=True)),
-        or_(
+        checked_on_row(or_(
             _jobs.c.status == "queued",
             and_(_jobs.c.status == "retrying",
                  or_(_jobs.c.due_at.is_(None), _jobs.c.due_at <= bindparam("b_now"))),
             # The worker holding it died: its lease ran out.
             and_(_jobs.c.status == "running", _jobs.c.lease_expires_at < bindparam("b_now")),
-        ),
+        )),
     )
     .values(
         status="running",
@@ -104,15 +104,17 @@ _DROP_KEPT_ANSWER = (
     .where(_attempts.c.job_id == bindparam("b_job_id"),
            _attempts.c.number == bindparam("b_number"),
            _attempts.c.result.is_not(None),
-           select(_jobs.c.id).where(_jobs.c.id == bindparam("b_job_id"),
-                                    _jobs.c.status == "succeeded",
-                                    _jobs.c.attempts == bindparam("b_number")).exists())
+           select(_jobs.c.id).where(
+               _jobs.c.id == bindparam("b_job_id"),
+               checked_on_row(_jobs.c.status == "succeeded",
+                              _jobs.c.attempts == bindparam("b_number"))).exists())
     .values(result=None)
 )
 _FINISH_JOB = (
     update(_jobs)
-    .where(_jobs.c.id == bindparam("b_id"), _jobs.c.attempts == bindparam("b_claimed"),
-           _jobs.c.status == "running")
+    .where(_jobs.c.id == bindparam("b_id"),
+           checked_on_row(_jobs.c.attempts == bindparam("b_claimed"),
+                          _jobs.c.status == "running"))
     .values(status=bindparam("b_status"),
             result=bindparam("b_result", type_=_jobs.c.result.type),
             usage=bindparam("b_usage", type_=_jobs.c.usage.type),
@@ -464,8 +466,8 @@ class JobRunner:
             }
         row = session.execute(
             update(_jobs)
-            .where(_jobs.c.id == job.id, _jobs.c.attempts == job.attempt,
-                   _jobs.c.status == "running")
+            .where(_jobs.c.id == job.id,
+                   checked_on_row(_jobs.c.attempts == job.attempt, _jobs.c.status == "running"))
             .values(error=decision.error, published_at=None, lease_owner=None,
                     lease_expires_at=None, **values)
             .returning(_jobs.c.status)
