@@ -80,7 +80,7 @@ def test_claim_finds_jobs_by_primary_key(engine: Engine) -> None:
 @pytest.mark.parametrize("statement, params", [
     (runner._FINISH_JOB, {"b_id": "job_new_7", "b_claimed": 1, "b_status": "succeeded",
                           "b_result": None, "b_usage": None, "b_error": None,
-                          "b_attempts": 1, "b_now": None}),
+                          "b_attempts": 1}),
     (runner._DROP_KEPT_ANSWER, {"b_job_id": "job_new_7", "b_number": 1}),
 ], ids=["finish", "drop-kept-answer"])
 def test_finish_statements_find_the_job_by_primary_key(engine: Engine, statement: Any,
