@@ -188,35 +188,42 @@ def measure(latency_ms: float, jobs: int, repeat: int, workdir: Path, processes:
             "cpu_ms_per_job": {k: v / (jobs * repeat) for k, v in cpu_ms.items()}}
 
 
-def drain_memory(items: int, workdir: Path) -> dict[str, Any]:
-    """Sample API and worker memory while one large batch drains."""
+def drain_memory(items: int, workdir: Path, rounds: int = 1) -> dict[str, Any]:
+    """Sample API and worker memory while large batches drain, one after another on the same
+    processes (``rounds``), so that a worker whose memory only warms up shows a plateau."""
     broker = BrokerSide(workdir / "drain", 0)
     api_pid = broker.stack.procs["api"].pid
     worker_pid = broker.worker.pid
     samples: list[tuple[float, float, float, int]] = []
+    ends: list[tuple[float, float, float, int]] = []
+    submit_s: list[float] = []
     try:
-        payload = {"model_routing": SAME_CALL, "items": [
-            {"custom_id": f"j{i}", "capability": "planner", "request": {
-                "messages": [{"role": "user", "content": f"drain job {i}"}]}}
-            for i in range(items)]}
         before = (rss_mb(api_pid), rss_mb(worker_pid))
         started = time.perf_counter()
-        batch_id = broker.http.post("/v1/batches", json=payload).json()["id"]
-        submitted_s = time.perf_counter() - started
-        del payload
-        while True:
-            state = broker.http.get(f"/v1/batches/{batch_id}").json()
-            done = state["request_counts"]["succeeded"] + state["request_counts"]["failed"]
-            samples.append((time.perf_counter() - started, rss_mb(api_pid), rss_mb(worker_pid),
-                            done))
-            if state["status"] == "completed":
-                break
-            time.sleep(2)
+        for round_no in range(rounds):
+            payload = {"model_routing": SAME_CALL, "items": [
+                {"custom_id": f"r{round_no}j{i}", "capability": "planner", "request": {
+                    "messages": [{"role": "user", "content": f"drain job {round_no}.{i}"}]}}
+                for i in range(items)]}
+            submitted = time.perf_counter()
+            batch_id = broker.http.post("/v1/batches", json=payload).json()["id"]
+            submit_s.append(time.perf_counter() - submitted)
+            del payload
+            while True:
+                state = broker.http.get(f"/v1/batches/{batch_id}").json()
+                done = (round_no * items + state["request_counts"]["succeeded"]
+                        + state["request_counts"]["failed"])
+                samples.append((time.perf_counter() - started, rss_mb(api_pid),
+                                rss_mb(worker_pid), done))
+                if state["status"] == "completed":
+                    break
+                time.sleep(2)
+            ends.append(samples[-1])
         elapsed = time.perf_counter() - started
     finally:
         broker.close()
-    return {"items": items, "submit_s": submitted_s, "drain_s": elapsed,
-            "before": before, "samples": samples}
+    return {"items": items, "rounds": rounds, "submit_s": submit_s, "drain_s": elapsed,
+            "before": before, "samples": samples, "round_ends": ends}
 
 
 def _result_line(result: dict[str, Any]) -> str:
@@ -236,6 +243,8 @@ def main() -> None:
     parser.add_argument("--layouts", default="1x64",
                         help="worker processes x threads per side, comma-separated")
     parser.add_argument("--drain", type=int, default=0, help="items of the memory drain run")
+    parser.add_argument("--drain-rounds", type=int, default=1,
+                        help="batches of --drain items drained one after another")
     parser.add_argument("--workdir", type=Path, default=ROOT / "var" / "bench")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -245,16 +254,18 @@ def main() -> None:
             result = measure(latency, args.jobs, args.repeat, args.workdir, processes, threads)
             print(_result_line(result), flush=True)
     if args.drain:
-        drain = drain_memory(args.drain, args.workdir)
-        print(f"DRAIN items={drain['items']} submit_s={drain['submit_s']:.1f} "
+        drain = drain_memory(args.drain, args.workdir, args.drain_rounds)
+        print(f"DRAIN items={drain['items']} rounds={drain['rounds']} "
+              f"submit_s={[round(x, 1) for x in drain['submit_s']]} "
               f"drain_s={drain['drain_s']:.1f} before_mb={drain['before']}")
-        for t, api_mb, worker_mb, done in drain["samples"][:: max(len(drain["samples"]) // 12, 1)]:
+        samples = drain["samples"]
+        step = max(len(samples) // (12 * drain["rounds"]), 1)
+        for t, api_mb, worker_mb, done in samples[::step]:
             print(f"  t={t:6.1f}s done={done:6d} api_rss={api_mb:6.1f}MB "
                   f"worker_rss={worker_mb:6.1f}MB")
-        last = drain["samples"][-1]
-        print(f"  end t={last[0]:.1f}s done={last[3]} api_rss={last[1]:.1f}MB "
-              f"worker_rss={last[2]:.1f}MB")
-
+        for number, (t, api_mb, worker_mb, done) in enumerate(drain["round_ends"], 1):
+            print(f"  end of round {number} t={t:.1f}s done={done} api_rss={api_mb:.1f}MB "
+                  f"worker_rss={worker_mb:.1f}MB")
 
 if __name__ == "__main__":
     main()
