@@ -58,6 +58,8 @@ def create_celery_app(settings: Settings) -> Celery:
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(settings.task_time_limit_s - 10, 1),
         worker_send_task_events=True,
+        # Task events go to Redis in batches (tasks/consumer.py), not one round trip each.
+        worker_consumer="tasks.consumer:EventBatchingConsumer",
         task_send_sent_event=False,
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
