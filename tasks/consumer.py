@@ -3,9 +3,9 @@
 Celery buffers task events when the worker runs its event loop, then flushes the buffer on
 the loop's next turn. At a few hundred jobs per second that is one Redis round trip per
 event, three per job, on the one thread that also fetches and acknowledges every message.
-Here the loop flushes at most every :data:`EVENT_FLUSH_S`; a full buffer (Celery's limit)
-still goes at once, and so does the rest at shutdown. Flower sees each event up to that much
-later.
+Here the loop flushes at most every :data:`EVENT_FLUSH_S`. A full buffer (Celery's limit,
+24 events) still goes at once, and whatever is buffered goes out at shutdown. Flower sees
+each event up to that much later.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ class EventBatchingConsumer(Consumer):  # type: ignore[misc]
 
     def _flush_events(self) -> None:
         # Runs on the event loop's thread only (scheduled with call_soon or call_later).
+        # Without an event loop (the embedded SQLite transport) Celery does not buffer.
+        if self.hub is None:
+            super()._flush_events()
+            return
         wait_s = self._last_flush + EVENT_FLUSH_S - time.monotonic()
         if wait_s > 0:
             if self._flush_timer is None:
