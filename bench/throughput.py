@@ -267,5 +267,6 @@ def main() -> None:
             print(f"  end of round {number} t={t:.1f}s done={done} api_rss={api_mb:.1f}MB "
                   f"worker_rss={worker_mb:.1f}MB")
 
+
 if __name__ == "__main__":
     main()
