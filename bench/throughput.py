@@ -199,6 +199,8 @@ def drain_memory(items: int, workdir: Path, rounds: int = 1) -> dict[str, Any]:
     submit_s: list[float] = []
     try:
         before = (rss_mb(api_pid), rss_mb(worker_pid))
+        allocators = {name: allocator_of(pid) for name, pid in
+                      (("api", api_pid), ("worker", worker_pid))}
         started = time.perf_counter()
         for round_no in range(rounds):
             payload = {"model_routing": SAME_CALL, "items": [
@@ -223,7 +225,13 @@ def drain_memory(items: int, workdir: Path, rounds: int = 1) -> dict[str, Any]:
     finally:
         broker.close()
     return {"items": items, "rounds": rounds, "submit_s": submit_s, "drain_s": elapsed,
-            "before": before, "samples": samples, "round_ends": ends}
+            "before": before, "allocators": allocators, "samples": samples, "round_ends": ends}
+
+
+def allocator_of(pid: int) -> str:
+    """Which malloc the process runs on (``MOLAR_LLM_ALLOCATOR``, broker/allocator.py)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return "jemalloc" if "libjemalloc" in maps else "system"
 
 
 def _result_line(result: dict[str, Any]) -> str:
@@ -257,7 +265,8 @@ def main() -> None:
         drain = drain_memory(args.drain, args.workdir, args.drain_rounds)
         print(f"DRAIN items={drain['items']} rounds={drain['rounds']} "
               f"submit_s={[round(x, 1) for x in drain['submit_s']]} "
-              f"drain_s={drain['drain_s']:.1f} before_mb={drain['before']}")
+              f"drain_s={drain['drain_s']:.1f} before_mb={drain['before']} "
+              f"allocators={drain['allocators']}")
         samples = drain["samples"]
         step = max(len(samples) // (12 * drain["rounds"]), 1)
         for t, api_mb, worker_mb, done in samples[::step]:

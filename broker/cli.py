@@ -14,6 +14,24 @@ from broker.migrate import ensure_embedded_schema
 from broker.settings import Settings, get_settings
 
 
+def _start_on_chosen_allocator() -> None:
+    """Restart on jemalloc when it should (:mod:`broker.allocator`); before anything else."""
+    from broker.allocator import AllocatorError, restart_on_jemalloc
+
+    try:
+        restart_on_jemalloc()
+    except AllocatorError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _log_allocator() -> None:
+    import logging
+
+    from broker.allocator import describe
+
+    logging.getLogger("broker.allocator").info("memory allocator: %s", describe())
+
+
 def _secure_start(settings: Settings) -> None:
     """Refuse unsafe secrets (production) and teach redaction the ones this process holds."""
     from broker.errors import ConfigurationError
@@ -38,11 +56,13 @@ def main() -> None:
               help="API processes (uvicorn workers).")
 def serve(host: str, port: int, workers: int) -> None:
     """Run the HTTP API."""
+    _start_on_chosen_allocator()
     import uvicorn
 
     settings = get_settings()
     _secure_start(settings)
     configure_logging(settings.log_level, settings.log_format)
+    _log_allocator()
     uvicorn.run(
         "broker.api.app:create_app", factory=True, host=host, port=port, workers=workers,
         loop="uvloop", http="httptools", access_log=False, log_config=None,
@@ -61,6 +81,7 @@ def serve(host: str, port: int, workers: int) -> None:
 def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str | None,
            metrics_port: int | None) -> None:
     """Run a provider worker for some capability queues."""
+    _start_on_chosen_allocator()
     from broker.capabilities import CAPABILITIES, queue_name
 
     try:
@@ -70,6 +91,7 @@ def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str 
     settings = get_settings()
     _secure_start(settings)
     configure_logging(loglevel or settings.log_level, settings.log_format)
+    _log_allocator()
     from tasks.retry_policy import RetryPolicies
 
     try:

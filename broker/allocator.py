@@ -1,0 +1,87 @@
+"""Run the long-lived processes on jemalloc when the machine has it.
+
+A worker's memory on glibc's allocator keeps creeping up while a large batch drains: freed
+memory stays behind in glibc's per-thread arenas, more with more threads, and it cannot be
+handed back (``docs/benchmarks.md``, memory). On jemalloc it stays flat. A library
+preloaded into a process must be there before the process starts, so ``molar-llm serve``
+and ``molar-llm worker`` start themselves again, once, with ``LD_PRELOAD`` set, before they
+do anything else. The process id stays the same (``exec``), so supervisors notice nothing.
+
+``MOLAR_LLM_ALLOCATOR`` chooses: ``auto`` (the default) uses jemalloc when one of the usual
+library paths has it and the system allocator otherwise; ``system`` never preloads; a path
+names the library to preload, and the command refuses to start when it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+ENV_VAR = "MOLAR_LLM_ALLOCATOR"
+#: Set on the restarted process, so it never restarts again (a preload the loader refused).
+RESTARTED_VAR = "MOLAR_LLM_ALLOCATOR_RESTARTED"
+#: Where Debian, Ubuntu, Fedora, Alpine and the python images install jemalloc.
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
+
+
+class AllocatorError(Exception):
+    """The configured allocator cannot be used; the message says what to change."""
+
+
+def jemalloc_loaded(maps_file: Path = Path("/proc/self/maps")) -> bool:
+    """True when jemalloc is mapped into this process."""
+    try:
+        return "libjemalloc" in maps_file.read_text()
+    except OSError:
+        return False
+
+
+def find_jemalloc(candidates: tuple[str, ...] = JEMALLOC_PATHS) -> str | None:
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def library_to_preload(environ: Mapping[str, str]) -> str | None:
+    """The jemalloc library this process should restart with, or None to go on as it is."""
+    choice = environ.get(ENV_VAR, "auto").strip() or "auto"
+    if choice == "system" or not sys.platform.startswith("linux"):
+        return None
+    if jemalloc_loaded():
+        return None
+    if choice == "auto":
+        return find_jemalloc()
+    if not os.path.isfile(choice):
+        raise AllocatorError(
+            f"{ENV_VAR}={choice!r}: no such library. Install jemalloc (Debian: apt-get "
+            f"install libjemalloc2) and give its path, or set {ENV_VAR} to 'auto' (jemalloc "
+            f"when found) or 'system' (the C library's allocator)."
+        )
+    return choice
+
+
+def restart_on_jemalloc() -> None:
+    """Replace this process with the same command preloaded with jemalloc, when it should
+    be; returns only when the process goes on as it is."""
+    if os.environ.pop(RESTARTED_VAR, None):
+        return  # this is the restarted process; its children must decide for themselves
+    library = library_to_preload(os.environ)
+    if library is None:
+        return
+    preload = os.environ.get("LD_PRELOAD", "")
+    env = {**os.environ, RESTARTED_VAR: "1",
+           "LD_PRELOAD": f"{library}:{preload}" if preload else library}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
+def describe() -> str:
+    """The allocator this process runs on, for its start-up log line."""
+    return "jemalloc" if jemalloc_loaded() else "system (glibc malloc)"
