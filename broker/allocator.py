@@ -8,8 +8,9 @@ and ``molar-llm worker`` start themselves again, once, with ``LD_PRELOAD`` set, 
 do anything else. The process id stays the same (``exec``), so supervisors notice nothing.
 
 ``MOLAR_LLM_ALLOCATOR`` chooses: ``auto`` (the default) uses jemalloc when one of the usual
-library paths has it and the system allocator otherwise; ``system`` never preloads; a path
-names the library to preload, and the command refuses to start when it is missing.
+library paths has it and the system allocator otherwise; ``jemalloc`` insists on it;
+``system`` never preloads; a path names the library to preload. The command refuses to
+start when the library it insists on is missing.
 """
 
 from __future__ import annotations
@@ -44,19 +45,29 @@ def jemalloc_loaded(maps_file: Path = Path("/proc/self/maps")) -> bool:
         return False
 
 
-def find_jemalloc(candidates: tuple[str, ...] = JEMALLOC_PATHS) -> str | None:
-    return next((path for path in candidates if os.path.isfile(path)), None)
+def find_jemalloc() -> str | None:
+    return next((path for path in JEMALLOC_PATHS if os.path.isfile(path)), None)
 
 
 def library_to_preload(environ: Mapping[str, str]) -> str | None:
     """The jemalloc library this process should restart with, or None to go on as it is."""
     choice = environ.get(ENV_VAR, "auto").strip() or "auto"
-    if choice == "system" or not sys.platform.startswith("linux"):
+    keyword = choice.lower()
+    if keyword == "system" or not sys.platform.startswith("linux"):
         return None
     if jemalloc_loaded():
         return None
-    if choice == "auto":
+    if keyword == "auto":
         return find_jemalloc()
+    if keyword == "jemalloc":
+        found = find_jemalloc()
+        if found is None:
+            raise AllocatorError(
+                f"{ENV_VAR}=jemalloc: libjemalloc.so.2 is in none of {', '.join(JEMALLOC_PATHS)}."
+                f" Install it (Debian: apt-get install libjemalloc2), give its path in {ENV_VAR},"
+                f" or set {ENV_VAR} to 'auto' (jemalloc when found) or 'system'."
+            )
+        return found
     if not os.path.isfile(choice):
         raise AllocatorError(
             f"{ENV_VAR}={choice!r}: no such library. Install jemalloc (Debian: apt-get "
@@ -82,6 +93,15 @@ def restart_on_jemalloc() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
-def describe() -> str:
+def describe(maps_file: Path = Path("/proc/self/maps")) -> str:
     """The allocator this process runs on, for its start-up log line."""
-    return "jemalloc" if jemalloc_loaded() else "system (glibc malloc)"
+    try:
+        maps = maps_file.read_text()
+    except OSError:
+        return "system"
+    if "libjemalloc" in maps:
+        return "jemalloc"
+    configured = os.environ.get(ENV_VAR, "").strip()
+    if configured.startswith("/") and configured in maps:
+        return configured  # another allocator named by its path
+    return "system (the C library's malloc)"

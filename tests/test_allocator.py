@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.allocator import find_jemalloc
+from broker import allocator
+from broker.allocator import AllocatorError, find_jemalloc, library_to_preload
 from broker.devstack import LocalStack, free_port, wait_http
 from tests.conftest import IN_CI, SERVICE_KEY, api, chat, wait_job
 
@@ -80,3 +81,21 @@ def test_a_missing_library_refuses_to_start(tmp_path: Path) -> None:
         assert f"MOLAR_LLM_ALLOCATOR='{missing}': no such library" in proc.stderr
         assert "'auto'" in proc.stderr and "'system'" in proc.stderr
         assert not (tmp_path / "var").exists(), "nothing may start before the check"
+
+
+def test_the_keywords_and_a_missing_jemalloc(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    library = tmp_path / "libjemalloc.so.2"
+    library.write_bytes(b"")
+    monkeypatch.setattr(allocator, "JEMALLOC_PATHS", (str(library),))
+    assert library_to_preload({}) == str(library)  # auto
+    assert library_to_preload({"MOLAR_LLM_ALLOCATOR": " JEMALLOC "}) == str(library)
+    assert library_to_preload({"MOLAR_LLM_ALLOCATOR": "System"}) is None
+    assert library_to_preload({"MOLAR_LLM_ALLOCATOR": str(library)}) == str(library)
+
+    library.unlink()
+    assert library_to_preload({"MOLAR_LLM_ALLOCATOR": "auto"}) is None  # falls back quietly
+    with pytest.raises(AllocatorError) as refused:
+        library_to_preload({"MOLAR_LLM_ALLOCATOR": "jemalloc"})
+    assert str(library) in str(refused.value)
+    assert "apt-get install libjemalloc2" in str(refused.value)
