@@ -50,11 +50,16 @@ def find_jemalloc() -> str | None:
 
 
 def library_to_preload(environ: Mapping[str, str]) -> str | None:
-    """The jemalloc library this process should restart with, or None to go on as it is."""
+    """The library this process should restart with, or None to go on as it is."""
     choice = environ.get(ENV_VAR, "auto").strip() or "auto"
     keyword = choice.lower()
-    if keyword == "system" or not sys.platform.startswith("linux"):
+    if keyword == "system":
         return None
+    if not sys.platform.startswith("linux"):
+        if keyword == "auto":
+            return None
+        raise AllocatorError(f"{ENV_VAR}={choice!r}: preloading an allocator works on Linux "
+                             f"only; set {ENV_VAR} to 'auto' or 'system'.")
     if jemalloc_loaded():
         return None
     if keyword == "auto":
@@ -63,9 +68,10 @@ def library_to_preload(environ: Mapping[str, str]) -> str | None:
         found = find_jemalloc()
         if found is None:
             raise AllocatorError(
-                f"{ENV_VAR}=jemalloc: libjemalloc.so.2 is in none of {', '.join(JEMALLOC_PATHS)}."
-                f" Install it (Debian: apt-get install libjemalloc2), give its path in {ENV_VAR},"
-                f" or set {ENV_VAR} to 'auto' (jemalloc when found) or 'system'."
+                f"{ENV_VAR}=jemalloc: libjemalloc.so.2 is in none of "
+                f"{', '.join(JEMALLOC_PATHS)}. Install it (Debian: apt-get install "
+                f"libjemalloc2), give its path in {ENV_VAR}, or set {ENV_VAR} to 'auto' "
+                f"(jemalloc when found) or 'system'."
             )
         return found
     if not os.path.isfile(choice):
@@ -74,14 +80,24 @@ def library_to_preload(environ: Mapping[str, str]) -> str | None:
             f"install libjemalloc2) and give its path, or set {ENV_VAR} to 'auto' (jemalloc "
             f"when found) or 'system' (the C library's allocator)."
         )
-    return choice
+    return os.path.abspath(choice)
 
 
 def restart_on_jemalloc() -> None:
     """Replace this process with the same command preloaded with jemalloc, when it should
     be; returns only when the process goes on as it is."""
     if os.environ.pop(RESTARTED_VAR, None):
-        return  # this is the restarted process; its children must decide for themselves
+        # This is the restarted process (its children decide for themselves). An allocator
+        # asked for by name or path must really be there: the loader skips a preload it
+        # cannot load with no more than a message on stderr.
+        choice = os.environ.get(ENV_VAR, "auto").strip() or "auto"
+        if choice.lower() not in ("auto", "system") and describe().startswith("system"):
+            raise AllocatorError(
+                f"{ENV_VAR}={choice!r}: the dynamic loader did not preload it (its message "
+                f"is above); check that it is a shared library for this machine, or set "
+                f"{ENV_VAR} to 'auto' or 'system'."
+            )
+        return
     library = library_to_preload(os.environ)
     if library is None:
         return
@@ -102,6 +118,8 @@ def describe(maps_file: Path = Path("/proc/self/maps")) -> str:
     if "libjemalloc" in maps:
         return "jemalloc"
     configured = os.environ.get(ENV_VAR, "").strip()
-    if configured.startswith("/") and configured in maps:
-        return configured  # another allocator named by its path
+    if configured.lower() not in ("", "auto", "system", "jemalloc"):
+        path = os.path.realpath(configured)
+        if path in maps:
+            return path  # another allocator, named by its path
     return "system (the C library's malloc)"

@@ -99,3 +99,16 @@ def test_the_keywords_and_a_missing_jemalloc(monkeypatch: pytest.MonkeyPatch,
         library_to_preload({"MOLAR_LLM_ALLOCATOR": "jemalloc"})
     assert str(library) in str(refused.value)
     assert "apt-get install libjemalloc2" in str(refused.value)
+
+
+def test_a_library_the_loader_refuses_stops_the_start(tmp_path: Path) -> None:
+    not_a_library = tmp_path / "libnot.so"
+    not_a_library.write_text("not an ELF file")
+    proc = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "worker"], capture_output=True, text=True,
+        timeout=60, env={"PATH": "/usr/bin:/bin", "MOLAR_LLM_ALLOCATOR": str(not_a_library),
+                         "MOLAR_LLM_VAR_DIR": str(tmp_path / "var")},
+    )
+    assert proc.returncode == 1
+    assert "the dynamic loader did not preload it" in proc.stderr
+    assert not (tmp_path / "var").exists()
