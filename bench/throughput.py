@@ -74,7 +74,8 @@ def _children(pid: int) -> list[int]:
 class BrokerSide:
     """A broker stack on Redis + a fresh PostgreSQL database."""
 
-    def __init__(self, workdir: Path, latency_ms: float, processes: int = 1, threads: int = 64):
+    def __init__(self, workdir: Path, latency_ms: float, processes: int = 1, threads: int = 64,
+                 spare_threads: int = 0):
         self.db_name = f"molar_bench_{secrets.token_hex(4)}"
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.db_name}"')
@@ -90,7 +91,8 @@ class BrokerSide:
         assert self.stack.molar("migrate", "migrate").wait(60) == 0
         self.stack.start_upstream()
         self.stack.start_api()
-        self.workers = [self.stack.start_worker(f"worker{n}", concurrency=threads)
+        self.workers = [self.stack.start_worker(f"worker{n}", concurrency=threads,
+                                                spare_threads=spare_threads)
                         for n in range(processes)]
         self.worker = self.workers[0]
         self.http = httpx.Client(base_url=self.stack.api_url, timeout=120, headers={
@@ -158,9 +160,9 @@ class BareSide:
 
 
 def measure(latency_ms: float, jobs: int, repeat: int, workdir: Path, processes: int = 1,
-            threads: int = 64) -> dict[str, Any]:
-    where = workdir / f"lat{int(latency_ms)}-{processes}x{threads}"
-    broker = BrokerSide(where, latency_ms, processes, threads)
+            threads: int = 64, spare_threads: int = 0) -> dict[str, Any]:
+    where = workdir / f"lat{int(latency_ms)}-{processes}x{threads}+{spare_threads}"
+    broker = BrokerSide(where, latency_ms, processes, threads, spare_threads)
     bare = BareSide(where, broker.stack.upstream_url, broker.stack.upstream_key, processes,
                     threads)
     ours: list[float] = []
@@ -176,12 +178,14 @@ def measure(latency_ms: float, jobs: int, repeat: int, workdir: Path, processes:
             theirs.append(bare.run(jobs))
             cpu_ms["bare"] += (sum(cpu_s(p.pid) for p in bare.procs) + time.process_time()
                                - before) * 1000
-            print(f"  {processes}x{threads} latency {latency_ms:g} ms: broker {ours[-1]:.0f} "
-                  f"jobs/s, bare Celery {theirs[-1]:.0f} jobs/s", flush=True)
+            print(f"  {processes}x{threads}+{spare_threads} latency {latency_ms:g} ms: "
+                  f"broker {ours[-1]:.0f} jobs/s, bare Celery {theirs[-1]:.0f} jobs/s",
+                  flush=True)
     finally:
         bare.close()
         broker.close()
-    return {"latency_ms": latency_ms, "jobs": jobs, "layout": f"{processes}x{threads}",
+    return {"latency_ms": latency_ms, "jobs": jobs,
+            "layout": f"{processes}x{threads}+{spare_threads}",
             "broker": ours, "bare": theirs,
             "ratio": statistics.median(ours) / statistics.median(theirs),
             # Broker: API and worker processes; bare: worker and the submitting client.
@@ -250,6 +254,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--layouts", default="1x64",
                         help="worker processes x threads per side, comma-separated")
+    parser.add_argument("--spare-threads", type=int, default=0,
+                        help="broker workers' threads beyond the calls in flight "
+                             "(molar-llm worker --spare-threads); bare Celery has none")
     parser.add_argument("--drain", type=int, default=0, help="items of the memory drain run")
     parser.add_argument("--drain-rounds", type=int, default=1,
                         help="batches of --drain items drained one after another")
@@ -259,7 +266,8 @@ def main() -> None:
     layouts = [tuple(int(n) for n in layout.split("x")) for layout in args.layouts.split(",")]
     for processes, threads in layouts:
         for latency in [float(x) for x in args.latencies.split(",") if x]:
-            result = measure(latency, args.jobs, args.repeat, args.workdir, processes, threads)
+            result = measure(latency, args.jobs, args.repeat, args.workdir, processes, threads,
+                             args.spare_threads)
             print(_result_line(result), flush=True)
     if args.drain:
         drain = drain_memory(args.drain, args.workdir, args.drain_rounds)

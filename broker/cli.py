@@ -74,12 +74,15 @@ def serve(host: str, port: int, workers: int) -> None:
               help="Comma-separated capability keys whose queues this worker consumes.")
 @click.option("--concurrency", default=64, show_default=True, type=int,
               help="Provider calls in flight at once (threads; calls are network-bound).")
+@click.option("--spare-threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Threads beyond --concurrency: they claim jobs and write answers and usage "
+                   "while --concurrency provider calls stay in flight.")
 @click.option("--name", default=None, help="Worker node name (default: llm-<group>@<host>).")
 @click.option("--loglevel", default=None, help="Log level (default: MOLAR_LLM_LOG_LEVEL).")
 @click.option("--metrics-port", default=None, type=int,
               help="Serve this worker's Prometheus series on this port (default: off).")
-def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str | None,
-           metrics_port: int | None) -> None:
+def worker(capabilities: str, concurrency: int, spare_threads: int, name: str | None,
+           loglevel: str | None, metrics_port: int | None) -> None:
     """Run a provider worker for some capability queues."""
     _start_on_chosen_allocator()
     from broker.capabilities import CAPABILITIES, queue_name
@@ -99,7 +102,10 @@ def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str 
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     ensure_embedded_schema(settings)
-    from tasks.llm import app  # the task module registers the tasks on the app
+    # Importing the task module registers the tasks on the app.
+    from tasks.llm import app, limit_provider_calls
+
+    limit_provider_calls(concurrency if spare_threads else None)
 
     if metrics_port is not None:
         from broker.prometheus import serve_worker_metrics
@@ -110,7 +116,7 @@ def worker(capabilities: str, concurrency: int, name: str | None, loglevel: str 
     # JSON logs stay pure JSON lines: no start-up banner.
     quiet = ["--quiet"] if settings.log_format == "json" else []
     argv = [
-        *quiet, "worker", "--pool", "threads", "--concurrency", str(concurrency),
+        *quiet, "worker", "--pool", "threads", "--concurrency", str(concurrency + spare_threads),
         "--queues", ",".join(queue_name(c) for c in caps),
         "--hostname", name or f"llm-{group}@%h", "--events",
         "--loglevel", (loglevel or settings.log_level).upper(),

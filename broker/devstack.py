@@ -108,10 +108,12 @@ class LocalStack:
         return self.api_url
 
     def start_worker(self, name: str = "worker", capabilities: Iterable[str] = CAPABILITIES,
-                     concurrency: int = 64, metrics_port: int | None = None
-                     ) -> subprocess.Popen[bytes]:
+                     concurrency: int = 64, metrics_port: int | None = None,
+                     spare_threads: int = 0) -> subprocess.Popen[bytes]:
         caps = ",".join(capabilities)
         extra = ["--metrics-port", str(metrics_port)] if metrics_port else []
+        if spare_threads:
+            extra += ["--spare-threads", str(spare_threads)]
         return self.molar(name, "worker", "--capabilities", caps, "--concurrency",
                           str(concurrency), "--name", f"{name}-{secrets.token_hex(3)}@%h",
                           *extra)

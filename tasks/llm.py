@@ -34,6 +34,14 @@ _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
 _providers: dict[str, Provider] = {}
 _schedulers: list[Scheduler] = []
+_call_slots: int | None = None
+
+
+def limit_provider_calls(slots: int | None) -> None:
+    """At most ``slots`` provider calls in flight in this process (None: one per thread).
+    Set before the first job runs."""
+    global _call_slots
+    _call_slots = slots
 
 
 def get_runner() -> JobRunner:
@@ -75,6 +83,7 @@ def _build_runner() -> JobRunner:
         lease_margin_s=settings.lease_margin_s,
         commit_writers=settings.worker_commit_writers,
         on_finished=CompletionNotifier(settings),
+        call_slots=_call_slots,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from datetime import datetime
+from typing import Any
 
 import httpx
 import orjson
@@ -316,3 +317,33 @@ def test_one_worker_process_keeps_64_provider_calls_in_flight(make_stack):
         peak = max(peak, in_flight)
     assert peak >= 64, f"only {peak} provider calls were in flight at once"
     assert worker.poll() is None
+
+
+def _peak_upstream_calls(calls: list[dict[str, Any]]) -> int:
+    """Most calls the fake upstream was answering at once (ends sort before starts)."""
+    edges = sorted([(c["at"], 1) for c in calls] + [(c["done_at"], -1) for c in calls])
+    in_flight = peak = 0
+    for _, step in edges:
+        in_flight += step
+        peak = max(peak, in_flight)
+    return peak
+
+
+@pytest.mark.parametrize(("concurrency", "spare"), [(2, 4), (6, 0)])
+def test_spare_threads_leave_provider_calls_at_the_concurrency(make_stack, concurrency, spare):
+    stack = make_stack("redis-pg")
+    stack.start_worker("slots", capabilities=["planner"], concurrency=concurrency,
+                       spare_threads=spare)
+    slow = '<<fake:{"latency_ms": 300}>>'
+    items = [{"custom_id": f"c{i}", "capability": "planner",
+              "request": chat(f"{slow} slot {i} of {concurrency}+{spare}")} for i in range(12)]
+    with api(stack) as client:
+        batch = client.post("/v1/batches", json={"items": items})
+        assert batch.status_code == 202, batch.text
+        done = wait_batch(client, batch.json()["id"], timeout_s=60)
+    assert done["request_counts"]["succeeded"] == 12
+    calls = upstream_calls(stack)  # this stack's upstream serves these jobs only
+    assert len(calls) == 12
+    # With spare threads, six threads run jobs but only two provider calls at once; six
+    # threads without spares make six calls at once.
+    assert _peak_upstream_calls(calls) == concurrency

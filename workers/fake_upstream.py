@@ -303,6 +303,7 @@ class CallRecord(NamedTuple):
     status: int | None
     outcome: str
     at: float
+    done_at: float
 
 
 @dataclass
@@ -357,6 +358,7 @@ class UpstreamState:
                 status=status,
                 outcome=call.outcome,
                 at=call.at,
+                done_at=time.time(),
             )
         )
 

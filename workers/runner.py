@@ -16,9 +16,11 @@ lease ran out).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,6 +171,7 @@ class JobRunner:
         commit_writers: int = 1,
         rng: random.Random | None = None,
         on_finished: Callable[[str], None] | None = None,
+        call_slots: int | None = None,
     ):
         self._sessions = sessions
         # Every write goes through the group committer: under load, concurrent jobs share
@@ -186,6 +189,10 @@ class JobRunner:
         self._rng = rng or random.Random()
         # Told each job id whose state changed, so synchronous callers wake up and re-read.
         self._on_finished = on_finished or (lambda job_id: None)
+        # Provider calls in flight at once, when the process runs more threads than that:
+        # the spare threads do the jobs' claims and ledger writes while the calls go on.
+        self._call_slots: contextlib.AbstractContextManager[Any] = (
+            threading.BoundedSemaphore(call_slots) if call_slots else contextlib.nullcontext())
 
     def close(self) -> None:
         self._commits.close()
@@ -362,8 +369,9 @@ class JobRunner:
             )
         kind: CallKind = "embedding" if job.capability in EMBEDDING_CAPABILITIES else "chat"
         try:
-            return provider.call(kind, job.request, model=job.route.model,
-                                 credential=credential, deadline_s=deadline_s)
+            with self._call_slots:
+                return provider.call(kind, job.request, model=job.route.model,
+                                     credential=credential, deadline_s=deadline_s)
         except ProviderError as exc:
             exc.message = redact(exc.message, [credential.api_key,
                                                *self._credentials.live_secrets()])
