@@ -75,8 +75,8 @@ def serve(host: str, port: int, workers: int) -> None:
 @click.option("--concurrency", default=64, show_default=True, type=int,
               help="Provider calls in flight at once (threads; calls are network-bound).")
 @click.option("--spare-threads", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Threads beyond --concurrency: they claim jobs and write answers and usage "
-                   "while --concurrency provider calls stay in flight.")
+              help="Threads beyond --concurrency (at most as many): they claim jobs and write "
+                   "answers and usage while --concurrency provider calls stay in flight.")
 @click.option("--name", default=None, help="Worker node name (default: llm-<group>@<host>).")
 @click.option("--loglevel", default=None, help="Log level (default: MOLAR_LLM_LOG_LEVEL).")
 @click.option("--metrics-port", default=None, type=int,
@@ -91,6 +91,12 @@ def worker(capabilities: str, concurrency: int, spare_threads: int, name: str | 
         caps = parse_capability_list(capabilities)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--capabilities") from None
+    if spare_threads > concurrency:
+        # More threads than calls would only add jobs waiting for a call slot (holding their
+        # messages and leases) without adding calls.
+        raise click.BadParameter(
+            f"{spare_threads} is more than --concurrency ({concurrency}); give at most as "
+            f"many spare threads as calls in flight", param_hint="--spare-threads")
     settings = get_settings()
     _secure_start(settings)
     configure_logging(loglevel or settings.log_level, settings.log_format)

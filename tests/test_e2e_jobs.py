@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import time
 from datetime import datetime
 from typing import Any
@@ -329,7 +331,7 @@ def _peak_upstream_calls(calls: list[dict[str, Any]]) -> int:
     return peak
 
 
-@pytest.mark.parametrize(("concurrency", "spare"), [(2, 4), (6, 0)])
+@pytest.mark.parametrize(("concurrency", "spare"), [(2, 2), (4, 0)])
 def test_spare_threads_leave_provider_calls_at_the_concurrency(make_stack, concurrency, spare):
     stack = make_stack("redis-pg")
     stack.start_worker("slots", capabilities=["planner"], concurrency=concurrency,
@@ -344,6 +346,16 @@ def test_spare_threads_leave_provider_calls_at_the_concurrency(make_stack, concu
     assert done["request_counts"]["succeeded"] == 12
     calls = upstream_calls(stack)  # this stack's upstream serves these jobs only
     assert len(calls) == 12
-    # With spare threads, six threads run jobs but only two provider calls at once; six
-    # threads without spares make six calls at once.
+    # With spare threads, four threads run jobs but only two provider calls at once; four
+    # threads without spares make four calls at once.
     assert _peak_upstream_calls(calls) == concurrency
+
+
+def test_more_spare_threads_than_calls_is_refused(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "worker", "--concurrency", "4", "--spare-threads",
+         "5"], capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "MOLAR_LLM_VAR_DIR": str(tmp_path / "var")})
+    assert proc.returncode == 2
+    assert "--spare-threads: 5 is more than --concurrency (4)" in proc.stderr
+    assert not (tmp_path / "var").exists()
