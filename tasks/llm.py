@@ -41,6 +41,8 @@ def limit_provider_calls(slots: int | None) -> None:
     """At most ``slots`` provider calls in flight in this process (None: one per thread).
     Set before the first job runs."""
     global _call_slots
+    if _runner is not None:
+        raise RuntimeError("limit_provider_calls() must run before the first job")
     _call_slots = slots
 
 

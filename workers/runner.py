@@ -16,7 +16,6 @@ lease ran out).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import random
@@ -191,8 +190,8 @@ class JobRunner:
         self._on_finished = on_finished or (lambda job_id: None)
         # Provider calls in flight at once, when the process runs more threads than that:
         # the spare threads do the jobs' claims and ledger writes while the calls go on.
-        self._call_slots: contextlib.AbstractContextManager[Any] = (
-            threading.BoundedSemaphore(call_slots) if call_slots else contextlib.nullcontext())
+        self._call_slots = threading.BoundedSemaphore(call_slots) if call_slots else None
+        self._slot_wait = threading.local()  # this thread's wait for a slot, in seconds
 
     def close(self) -> None:
         self._commits.close()
@@ -244,15 +243,17 @@ class JobRunner:
                  job.attempt, job.org_id, job.capability, job.route.provider_integration_id,
                  job.route.model, extra=observe.log_fields(job, "running"))
         started = time.perf_counter()
+        self._slot_wait.s = 0.0
         with observe.running(job):
             try:
                 if not held:
                     self._reserve(job)
                 response = self._call(job, deadline_s)
             except ProviderError as exc:
-                self._fail(job, exc, (time.perf_counter() - started) * 1000)
+                self._fail(job, exc, self._ms_since(started))
                 return
-        elapsed_ms = (time.perf_counter() - started) * 1000
+        # The attempt's latency leaves out the wait for a call slot: it is the provider's.
+        elapsed_ms = self._ms_since(started)
         answer = StoredAnswer(job.attempt, response.body, self._meter(job, response))
         # The answer goes to the attempt row in a transaction of its own, committed before
         # the ledger write: from there on, it is never asked of the provider again.
@@ -368,14 +369,35 @@ class JobRunner:
                 code="provider_unsupported",
             )
         kind: CallKind = "embedding" if job.capability in EMBEDDING_CAPABILITIES else "chat"
+        waited_s = self._take_call_slot(deadline_s)
         try:
-            with self._call_slots:
-                return provider.call(kind, job.request, model=job.route.model,
-                                     credential=credential, deadline_s=deadline_s)
+            # The wait for the slot counts against the attempt's deadline, so claim to end
+            # of call stays within the deadline and the job's lease.
+            return provider.call(kind, job.request, model=job.route.model,
+                                 credential=credential, deadline_s=deadline_s - waited_s)
         except ProviderError as exc:
             exc.message = redact(exc.message, [credential.api_key,
                                                *self._credentials.live_secrets()])
             raise
+        finally:
+            if self._call_slots is not None:
+                self._call_slots.release()
+
+    def _take_call_slot(self, deadline_s: float) -> float:
+        """Wait for one of the process's provider call slots; returns the seconds waited."""
+        if self._call_slots is None:
+            return 0.0
+        started = time.perf_counter()
+        if not self._call_slots.acquire(timeout=deadline_s):
+            raise RetryableProviderError(
+                f"no provider call slot came free within the attempt deadline "
+                f"({deadline_s:g} s): every call this worker runs at once (--concurrency) "
+                f"was busy", code="call_slot_timeout")
+        self._slot_wait.s = time.perf_counter() - started
+        return float(self._slot_wait.s)
+
+    def _ms_since(self, started: float) -> float:
+        return (time.perf_counter() - started - getattr(self._slot_wait, "s", 0.0)) * 1000
 
     # -- success ------------------------------------------------------------------------
 
