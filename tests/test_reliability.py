@@ -464,3 +464,33 @@ def test_retries_idempotency_and_cancel_work_on_the_embedded_default(make_stack)
     assert job["attempts"] == 2
     assert (first.status_code, second.status_code) == (202, 200)
     assert cancelled["status"] == "cancelled"
+
+
+# One call slot: a hanging export call holds it for its 3 s deadline, while planner
+# attempts may wait for it only 0.5 s.
+ONE_SLOT = {**FAST, "MOLAR_LLM_RETRY_POLICIES": orjson.dumps({
+    "*": {"base_backoff_s": 0.2, "max_backoff_s": 0.5, "max_retry_after_s": 30},
+    "planner": {"attempt_deadline_s": 0.5, "max_attempts": 20},
+}).decode()}
+
+
+def test_a_job_that_waits_past_its_deadline_for_a_call_slot_is_retried(make_stack):
+    stack = make_stack("redis-pg", env=ONE_SLOT)
+    stack.start_worker("one-slot", capabilities=["planner", "export_generator"],
+                       concurrency=1, spare_threads=1)
+    with api(stack) as client:
+        hog = submit(client, "export_generator", scripted(fail=[{"hang": True}]))
+        _wait_attempt(client, hog, "running")
+        time.sleep(0.2)  # the hog's call is under way and holds the only slot
+        request = scripted()
+        job_id = submit(client, "planner", request)
+        job = wait_job(client, job_id, timeout_s=60)
+        rows = attempt_rows(client, job_id)
+        assert wait_job(client, hog, timeout_s=60)["status"] == "succeeded"
+    assert job["status"] == "succeeded", job
+    assert rows[0]["outcome"] == "failed" and rows[0]["error_code"] == "call_slot_timeout"
+    # The wait is not provider latency: the attempt never reached the provider.
+    assert rows[0]["latency_ms"] < 200, rows[0]
+    assert rows[-1]["outcome"] == "succeeded"
+    # Only the attempt that got the slot reached the provider.
+    assert len(upstream_calls(stack, scenario=scenario_of(request))) == 1

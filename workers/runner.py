@@ -389,6 +389,7 @@ class JobRunner:
             return 0.0
         started = time.perf_counter()
         if not self._call_slots.acquire(timeout=deadline_s):
+            self._slot_wait.s = time.perf_counter() - started  # the provider was not called
             raise RetryableProviderError(
                 f"no provider call slot came free within the attempt deadline "
                 f"({deadline_s:g} s): every call this worker runs at once (--concurrency) "
