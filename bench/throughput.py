@@ -25,6 +25,7 @@ import httpx
 import psycopg
 import redis
 
+from broker.allocator import jemalloc_loaded
 from broker.devstack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,8 +235,7 @@ def drain_memory(items: int, workdir: Path, rounds: int = 1) -> dict[str, Any]:
 
 def allocator_of(pid: int) -> str:
     """Which malloc the process runs on (``MOLAR_LLM_ALLOCATOR``, broker/allocator.py)."""
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    return "jemalloc" if "libjemalloc" in maps else "system"
+    return "jemalloc" if jemalloc_loaded(Path(f"/proc/{pid}/maps")) else "system"
 
 
 def _result_line(result: dict[str, Any]) -> str:

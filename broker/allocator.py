@@ -38,11 +38,15 @@ class AllocatorError(Exception):
 
 
 def jemalloc_loaded(maps_file: Path = Path("/proc/self/maps")) -> bool:
-    """True when jemalloc is mapped into this process."""
+    """True when jemalloc is mapped into the process whose ``maps`` file this is."""
+    return "libjemalloc" in _read_maps(maps_file)
+
+
+def _read_maps(maps_file: Path) -> str:
     try:
-        return "libjemalloc" in maps_file.read_text()
+        return maps_file.read_text()
     except OSError:
-        return False
+        return ""  # not Linux, or the process is gone
 
 
 def find_jemalloc() -> str | None:
@@ -109,12 +113,9 @@ def restart_on_jemalloc() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
-def describe(maps_file: Path = Path("/proc/self/maps")) -> str:
+def describe() -> str:
     """The allocator this process runs on, for its start-up log line."""
-    try:
-        maps = maps_file.read_text()
-    except OSError:
-        return "system"
+    maps = _read_maps(Path("/proc/self/maps"))
     if "libjemalloc" in maps:
         return "jemalloc"
     configured = os.environ.get(ENV_VAR, "").strip()

@@ -312,18 +312,14 @@ def test_one_worker_process_keeps_64_provider_calls_in_flight(make_stack):
         ).all()
     engine.dispose()
     assert len({span.worker for span in spans}) == 1  # one worker process did all of it
-    edges = sorted([(s.started_at, 1) for s in spans] + [(s.finished_at, -1) for s in spans])
-    in_flight = peak = 0
-    for _, step in edges:
-        in_flight += step
-        peak = max(peak, in_flight)
+    peak = _peak_in_flight([(s.started_at, s.finished_at) for s in spans])
     assert peak >= 64, f"only {peak} provider calls were in flight at once"
     assert worker.poll() is None
 
 
-def _peak_upstream_calls(calls: list[dict[str, Any]]) -> int:
-    """Most calls the fake upstream was answering at once (ends sort before starts)."""
-    edges = sorted([(c["at"], 1) for c in calls] + [(c["done_at"], -1) for c in calls])
+def _peak_in_flight(spans: list[tuple[Any, Any]]) -> int:
+    """Most (start, end) spans open at once; at a tie an end sorts before a start."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
     in_flight = peak = 0
     for _, step in edges:
         in_flight += step
@@ -348,7 +344,7 @@ def test_spare_threads_leave_provider_calls_at_the_concurrency(make_stack, concu
     assert len(calls) == 12
     # With spare threads, four threads run jobs but only two provider calls at once; four
     # threads without spares make four calls at once.
-    assert _peak_upstream_calls(calls) == concurrency
+    assert _peak_in_flight([(c["at"], c["done_at"]) for c in calls]) == concurrency
 
 
 def test_more_spare_threads_than_calls_is_refused(tmp_path):

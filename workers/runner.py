@@ -394,8 +394,9 @@ class JobRunner:
                 f"no provider call slot came free within the attempt deadline "
                 f"({deadline_s:g} s): every call this worker runs at once (--concurrency) "
                 f"was busy", code="call_slot_timeout")
-        self._slot_wait.s = time.perf_counter() - started
-        return float(self._slot_wait.s)
+        waited_s = time.perf_counter() - started
+        self._slot_wait.s = waited_s
+        return waited_s
 
     def _ms_since(self, started: float) -> float:
         return (time.perf_counter() - started - getattr(self._slot_wait, "s", 0.0)) * 1000
